@@ -1,0 +1,1 @@
+"""Backends: `localmim.backends.torch` and `localmim.backends.mindspore` (same public surface)."""

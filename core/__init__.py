@@ -1,0 +1,1 @@
+"""Backend-neutral core: numpy and yaml only, never a framework."""
