@@ -1,0 +1,352 @@
+"""tools/convert.py: readers, atomic verified writers, layout/model detection, --check, bad input."""
+import argparse
+import os
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from localmim.core import state as S  # noqa: E402
+from localmim.core.specs import get_spec  # noqa: E402
+from localmim.tools import convert as C  # noqa: E402
+
+TINY = get_spec("vit_tiny_test")  # patch 8, D 32, depth 4, img 32, taps 0..3, HOG 9 bins
+
+
+def rand_state(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+
+
+def tiny_state(seed=0):
+    return rand_state(S.vit_canonical_shapes(TINY), seed)
+
+
+def mae_state(spec, decoder=True, seed=0, dd=24):
+    """MAE (facebookresearch/mae) names: encoder, one final norm, decoder_* and mask_token."""
+    shapes = dict(S.vit_encoder_shapes(spec, branch_norms=False))
+    shapes.update({"norm.weight": (spec.embed_dim,), "norm.bias": (spec.embed_dim,)})
+    if decoder:
+        n, p = spec.num_patches, spec.patch_size
+        shapes.update({"mask_token": (1, 1, dd), "decoder_embed.weight": (dd, spec.embed_dim),
+                       "decoder_embed.bias": (dd,), "decoder_pos_embed": (1, 1 + n, dd),
+                       "decoder_blocks.0.attn.qkv.weight": (3 * dd, dd), "decoder_norm.weight": (dd,),
+                       "decoder_pred.weight": (3 * p * p, dd), "decoder_pred.bias": (3 * p * p,)})
+    return rand_state(shapes, seed)
+
+
+def save_pth(path, state, **extra):
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}, **extra}, str(path))
+    return str(path)
+
+
+def convert(*argv):
+    return C.main([str(a) for a in argv])
+
+
+def assert_bit_identical(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert a[k].tobytes() == b[k].tobytes(), k
+
+
+def leftovers(folder):
+    return sorted(f for f in os.listdir(folder) if ".tmp" in f)
+
+
+# ---------------------------------------------------------------- round trips
+
+def test_pth_to_safetensors_to_pth_is_bit_identical(tmp_path, capsys):
+    src = tiny_state(1)
+    save_pth(tmp_path / "a.pth", src, epoch=3, optimizer={"state": {}})
+    assert convert(tmp_path / "a.pth", tmp_path / "b.safetensors") == 0
+    out = capsys.readouterr().out
+    assert "layout localmim" in out and "model vit_tiny_test" in out and "verified" in out
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "b.safetensors"), framework="np") as f:
+        assert f.metadata()["layout"] == "localmim" and f.metadata()["model"] == "vit_tiny_test"
+    assert convert(tmp_path / "b.safetensors", tmp_path / "c.pth") == 0
+    back = torch.load(str(tmp_path / "c.pth"), weights_only=True)["model"]
+    assert_bit_identical(src, {k: v.numpy() for k, v in back.items()})
+    assert leftovers(tmp_path) == []
+
+
+def test_pth_to_ckpt_to_pth_is_bit_identical(tmp_path):
+    ms = pytest.importorskip("mindspore")
+    src = tiny_state(2)
+    save_pth(tmp_path / "a.pth", src)
+    assert convert(tmp_path / "a.pth", tmp_path / "b.ckpt") == 0
+    loaded = ms.load_checkpoint(str(tmp_path / "b.ckpt"))
+    assert_bit_identical(src, {k: v.asnumpy() for k, v in loaded.items()})
+    assert convert(tmp_path / "b.ckpt", tmp_path / "c.pth") == 0
+    back = torch.load(str(tmp_path / "c.pth"), weights_only=True)["model"]
+    assert_bit_identical(src, {k: v.numpy() for k, v in back.items()})
+
+
+def test_official_layout_with_args_namespace_reads(tmp_path, capsys):
+    src = tiny_state(3)
+    args = argparse.Namespace(model="MIM_vit_tiny", hog_nbins=9, lr=1.6e-3)
+    path = save_pth(tmp_path / "localmim.pth", src, optimizer={}, epoch=1599, scaler={}, args=args)
+    state, _ = C.read_state(path)
+    assert_bit_identical(src, state)
+    assert convert(path, tmp_path / "out.safetensors") == 0
+    assert "layout localmim, 152 keys" in capsys.readouterr().out
+
+
+def test_wrapped_and_compiled_prefixes_and_half_precision_read(tmp_path):
+    src = tiny_state(4)
+    wrapped = {"state_dict": {f"module._orig_mod.{k}": torch.from_numpy(v).half() for k, v in src.items()}}
+    torch.save(wrapped, str(tmp_path / "w.pt"))
+    state, _ = C.read_state(str(tmp_path / "w.pt"))
+    assert set(state) == set(src) and all(v.dtype == np.float32 for v in state.values())
+    np.testing.assert_array_equal(state["cls_token"], src["cls_token"].astype(np.float16).astype(np.float32))
+
+
+def test_mindspore_training_checkpoint_reads_without_optimizer_and_meta(tmp_path):
+    pytest.importorskip("mindspore")
+    ckpt_mod = pytest.importorskip("localmim.backends.mindspore.checkpoint")
+    src = tiny_state(5)
+    payload = {"model": src, "optimizer": {"exp_avg.cls_token": np.ones((1, 1, 32), np.float32)},
+               "scaler": {}, "step": 7, "epoch": 1, "config": {"model": {"name": "vit_tiny_test"}}}
+    ckpt_mod.save_checkpoint(str(tmp_path / "checkpoint-7.ckpt"), payload)
+    state, _ = C.read_state(str(tmp_path / "checkpoint-7.ckpt"))
+    assert_bit_identical(src, state)
+
+
+def test_torch_training_checkpoint_reads(tmp_path):
+    ckpt_mod = pytest.importorskip("localmim.backends.torch.checkpoint")
+    src = tiny_state(17)
+    model = {k: torch.from_numpy(v) for k, v in src.items()}
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    payload = {"model": model, "optimizer": opt.state_dict(), "scaler": {}, "step": 5, "epoch": 0,
+               "config": {"model": {"name": "vit_tiny_test"}}}
+    path = ckpt_mod.save_checkpoint(str(tmp_path / "checkpoint-5.pth"), payload)
+    state, _ = C.read_state(path)
+    assert_bit_identical(src, state)
+
+
+def test_from_flag_overrides_detection(tmp_path, capsys):
+    enc = rand_state(S.vit_encoder_shapes(TINY), seed=18)
+    save_pth(tmp_path / "enc.pth", enc)
+    assert convert(tmp_path / "enc.pth", tmp_path / "e.safetensors") == 0
+    assert "layout localmim-encoder" in capsys.readouterr().out
+    err = _fails(capsys, tmp_path / "enc.pth", tmp_path / "m.safetensors", "--from", "mae")
+    assert "not MAE/timm ViT keys: norm.0.bias" in err
+
+
+def test_mae_check_runs_timm_source_against_our_encoder(tmp_path, capsys):
+    pytest.importorskip("timm")
+    pytest.importorskip("localmim.backends.torch.vit")
+    src = mae_state(TINY, seed=19)
+    save_pth(tmp_path / "mae.pth", src)
+    assert convert(tmp_path / "mae.pth", tmp_path / "enc.pth", "--check") == 0
+    out = capsys.readouterr().out
+    assert float(out.split("max abs diff ")[1].split()[0]) < 1e-5
+    assert "loss abs diff" not in out  # neither side has LocalMIM decoders
+
+
+def test_mae_full_and_encoder_convert_to_our_encoder(tmp_path, capsys):
+    for name, decoder in (("full", True), ("enc", False)):
+        src = mae_state(TINY, decoder=decoder, seed=6)
+        save_pth(tmp_path / f"mae_{name}.pth", src, args=argparse.Namespace(norm_pix_loss=True))
+        assert convert(tmp_path / f"mae_{name}.pth", tmp_path / f"{name}.safetensors") == 0
+        out = capsys.readouterr().out
+        assert f"layout {'mae' if decoder else 'mae-encoder'}," in out
+        assert "newly initialised (weight 1, bias 0): norm.0.bias" in out
+        got, meta = C.read_state(str(tmp_path / f"{name}.safetensors"))
+        assert meta["layout"] == "localmim-encoder"
+        assert set(got) == set(S.vit_encoder_shapes(TINY))
+        np.testing.assert_array_equal(got["norm.3.weight"], src["norm.weight"])
+        np.testing.assert_array_equal(got["blocks.3.mlp.fc2.weight"], src["blocks.3.mlp.fc2.weight"])
+        np.testing.assert_array_equal(got["norm.1.weight"], np.ones(32, np.float32))
+
+
+# ---------------------------------------------------------------- timm export
+
+def _perturbed_torch_model(seed):
+    vit = pytest.importorskip("localmim.backends.torch.vit")
+    torch.manual_seed(seed)
+    model = vit.build_model(TINY).eval()
+    state = model.export_state()
+    rng = np.random.default_rng(seed)
+    for k in state:  # make norms and biases non-trivial so the mapping is really exercised
+        if k.startswith(("norm.", "blocks.")) and not k.startswith("hog_enc"):
+            state[k] = (state[k] + 0.1 * rng.standard_normal(state[k].shape)).astype(np.float32)
+    model.import_state(state)
+    return model, state
+
+
+@pytest.mark.parametrize("ext", [".pth", ".safetensors"])
+def test_timm_export_loads_strict_and_matches_last_tap(tmp_path, ext):
+    timm = pytest.importorskip("timm")
+    model, state = _perturbed_torch_model(7)
+    save_pth(tmp_path / "ours.pth", state)
+    dst = tmp_path / f"timm{ext}"
+    assert convert(tmp_path / "ours.pth", dst, "--to", "timm") == 0
+    net = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+                            embed_dim=32, depth=4, num_heads=2).eval()
+    if ext == ".pth":
+        net.load_state_dict(torch.load(str(dst), weights_only=True), strict=True)
+    else:
+        timm.models.load_checkpoint(net, str(dst), strict=True)
+    imgs = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))
+    ids_keep = torch.arange(TINY.num_patches).expand(2, -1)
+    with torch.no_grad():
+        ours = model.forward_encoder(imgs, ids_keep)[-1]
+        theirs = net.forward_features(imgs)
+    assert theirs.shape == ours.shape == (2, 17, 32)
+    assert torch.max(torch.abs(ours - theirs)).item() < 1e-5
+
+
+def test_check_reports_differences_for_timm_and_ckpt(tmp_path, capsys):
+    pytest.importorskip("timm")
+    _, state = _perturbed_torch_model(8)
+    save_pth(tmp_path / "ours.pth", state)
+    assert convert(tmp_path / "ours.pth", tmp_path / "t.pth", "--to", "timm", "--check") == 0
+    out = capsys.readouterr().out
+    diff = float(out.split("encoder features max abs diff ")[1].split()[0])
+    assert diff < 1e-5
+    assert convert(tmp_path / "ours.pth", tmp_path / "same.safetensors", "--check") == 0
+    out = capsys.readouterr().out
+    assert "loss abs diff 0.000e+00" in out and "max abs diff 0.000e+00" in out
+
+
+def test_check_cross_framework_ckpt(tmp_path, capsys):
+    pytest.importorskip("mindspore")
+    pytest.importorskip("localmim.backends.mindspore.vit")
+    _, state = _perturbed_torch_model(9)
+    save_pth(tmp_path / "ours.pth", state)
+    from PIL import Image
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    assert convert(tmp_path / "ours.pth", tmp_path / "o.ckpt", "--check", tmp_path / "x.png") == 0
+    out = capsys.readouterr().out
+    assert float(out.split("max abs diff ")[1].split()[0]) < 1e-4
+    assert "loss abs diff" in out
+
+
+# ---------------------------------------------------------------- bad input
+
+def _fails(capsys, *argv):
+    assert convert(*argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("localmim convert: error:") and "\n" not in err
+    return err
+
+
+def test_missing_extra_and_misshaped_keys_name_the_keys(tmp_path, capsys):
+    src = tiny_state(10)
+    missing = dict(src)
+    del missing["blocks.2.attn.proj.weight"]
+    save_pth(tmp_path / "missing.pth", missing)
+    err = _fails(capsys, tmp_path / "missing.pth", tmp_path / "o1.pth")
+    assert "1 missing key(s): blocks.2.attn.proj.weight" in err
+    extra = dict(src, **{"decoder.0.extra.weight": np.zeros(3, np.float32)})
+    save_pth(tmp_path / "extra.pth", extra)
+    err = _fails(capsys, tmp_path / "extra.pth", tmp_path / "o2.pth")
+    assert "unexpected key(s): decoder.0.extra.weight" in err
+    wrong = dict(src, **{"decoder.1.mask_token": np.zeros((1, 1, 17), np.float32)})
+    save_pth(tmp_path / "wrong.pth", wrong)
+    err = _fails(capsys, tmp_path / "wrong.pth", tmp_path / "o3.pth")
+    assert "decoder.1.mask_token expected (1, 1, 16) found (1, 1, 17)" in err
+    assert not any(p.startswith("o") for p in os.listdir(tmp_path)) and leftovers(tmp_path) == []
+
+
+def test_model_mismatch_and_unknown_layout(tmp_path, capsys):
+    save_pth(tmp_path / "tiny.pth", tiny_state(11))
+    err = _fails(capsys, tmp_path / "tiny.pth", tmp_path / "o.pth", "--model", "vit_demo")
+    assert "holds a different model than vit_demo: patch 8, width 32, 4 blocks" in err
+    assert "but vit_demo has patch 8, width 192, 8 blocks" in err
+    err = _fails(capsys, tmp_path / "tiny.pth", tmp_path / "o.pth", "--model", "vit_nope")
+    assert "unknown ViT model 'vit_nope'" in err
+    torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3), "fc.bias": torch.zeros(2)}, str(tmp_path / "rn.pth"))
+    err = _fails(capsys, tmp_path / "rn.pth", tmp_path / "o.pth")
+    assert "unknown checkpoint layout" in err and "conv1.weight" in err and "fc.bias" in err
+    odd = {"patch_embed.proj.weight": np.zeros((40, 3, 8, 8), np.float32), "pos_embed": np.zeros((1, 17, 40), np.float32),
+           "cls_token": np.zeros((1, 1, 40), np.float32)}
+    save_pth(tmp_path / "odd.pth", odd)
+    err = _fails(capsys, tmp_path / "odd.pth", tmp_path / "o.pth")
+    assert "fits no registered model: patch_embed.proj.weight (40, 3, 8, 8)" in err
+    assert not (tmp_path / "o.pth").exists() and leftovers(tmp_path) == []
+
+
+def test_existing_dst_is_kept_without_force(tmp_path, capsys):
+    save_pth(tmp_path / "a.pth", tiny_state(12))
+    (tmp_path / "b.safetensors").write_bytes(b"precious")
+    err = _fails(capsys, tmp_path / "a.pth", tmp_path / "b.safetensors")
+    assert "already exists; pass --force" in err
+    assert (tmp_path / "b.safetensors").read_bytes() == b"precious"
+    assert convert(tmp_path / "a.pth", tmp_path / "b.safetensors", "--force") == 0
+    assert C.read_state(str(tmp_path / "b.safetensors"))[0].keys() == tiny_state(12).keys()
+
+
+def test_failed_verification_leaves_nothing_behind(tmp_path, monkeypatch):
+    state = tiny_state(13)
+
+    def broken_verify(path, reader, expected, shown):
+        raise C.ConvertError(f"{shown}: verification failed: simulated")
+
+    monkeypatch.setattr(C, "_verify", broken_verify)
+    (tmp_path / "old.pth").write_bytes(b"old")
+    with pytest.raises(C.ConvertError, match="simulated"):
+        C.write_state(str(tmp_path / "old.pth"), state, "pth", {}, force=True)
+    assert (tmp_path / "old.pth").read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["old.pth"]
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, capsys):
+    sentinel = str(tmp_path / "pwned")
+    path = str(tmp_path / "evil.pth")
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in tiny_state(14).items()}, "args": _Evil(sentinel)}, path)
+    err = _fails(capsys, path, tmp_path / "o.pth")
+    assert "refusing to load" in err and "evil.pth" in err
+    assert not os.path.exists(sentinel) and not (tmp_path / "o.pth").exists()
+    import pickle
+    with open(tmp_path / "raw.pth", "wb") as f:  # a bare pickle, not a torch zip
+        pickle.dump({"model": _Evil(sentinel)}, f)
+    assert "refusing to load" in _fails(capsys, tmp_path / "raw.pth", tmp_path / "o.pth")
+    assert not os.path.exists(sentinel)
+    # The sentinel mechanism itself works: an unrestricted load does run the payload.
+    torch.load(path, weights_only=False)
+    assert os.path.isdir(sentinel)
+
+
+def test_pth_and_safetensors_work_without_mindspore(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "mindspore", None)  # any `import mindspore` now fails
+    save_pth(tmp_path / "a.pth", tiny_state(15))
+    assert convert(tmp_path / "a.pth", tmp_path / "b.safetensors") == 0
+    assert convert(tmp_path / "b.safetensors", tmp_path / "c.pth") == 0
+    err = _fails(capsys, tmp_path / "a.pth", tmp_path / "d.ckpt")
+    assert "needs MindSpore, which is not installed" in err
+    assert not (tmp_path / "d.ckpt").exists() and leftovers(tmp_path) == []
+
+
+def test_truncated_and_unknown_files_give_one_sentence(tmp_path, capsys):
+    save_pth(tmp_path / "a.pth", tiny_state(16))
+    data = (tmp_path / "a.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    err = _fails(capsys, tmp_path / "cut.pth", tmp_path / "o.pth")
+    assert "cut.pth: not a readable PyTorch checkpoint" in err
+    (tmp_path / "junk.pth").write_bytes(b"hello world")
+    assert "junk.pth: not a readable PyTorch checkpoint" in _fails(capsys, tmp_path / "junk.pth", tmp_path / "o.pth")
+    (tmp_path / "junk.ckpt").write_bytes(b"hello world")
+    if "mindspore" in sys.modules or __import__("importlib").util.find_spec("mindspore"):
+        assert "junk.ckpt: not a readable MindSpore checkpoint" in _fails(capsys, tmp_path / "junk.ckpt",
+                                                                         tmp_path / "o.pth")
+    (tmp_path / "junk.safetensors").write_bytes(b"hello world")
+    assert "not a readable safetensors file" in _fails(capsys, tmp_path / "junk.safetensors", tmp_path / "o.pth")
+    assert "timm output is written as .pth or .safetensors" in _fails(capsys, tmp_path / "a.pth", tmp_path / "t.ckpt",
+                                                                     "--to", "timm")
+    (tmp_path / "w.npz").write_bytes(b"x")
+    assert "unknown file type '.npz'" in _fails(capsys, tmp_path / "w.npz", tmp_path / "o.pth")
+    assert "no such file" in _fails(capsys, tmp_path / "nope.pth", tmp_path / "o.pth")

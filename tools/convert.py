@@ -1,0 +1,418 @@
+"""`localmim convert SRC DST`: move ViT weights between frameworks and codebases.
+
+Reads a PyTorch `.pth/.pt/.bin` (this package's training checkpoints, official LocalMIM, MAE or
+timm files), a MindSpore `.ckpt` or a `.safetensors` file, detects its layout and model size,
+maps it through the canonical state (core.state) and writes `.pth`, `.ckpt`, `.safetensors` or a
+timm-compatible encoder. Every write is atomic and verified by reading the file back.
+
+Loading never runs code from the file: PyTorch files are read with `weights_only=True`, allowing
+exactly `argparse.Namespace` (the `args` entry of official LocalMIM and MAE checkpoints).
+MindSpore is imported only for `.ckpt` files and torch only for `.pth` files and `--check`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import sys
+import tempfile
+import warnings
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from localmim.core import state as S
+from localmim.core.specs import SpecError, ViTSpec
+
+__all__ = ["ConvertError", "add_arguments", "run", "main", "read_state", "write_state",
+           "output_format", "check_models"]
+
+TORCH_EXTS = (".pth", ".pt", ".bin")
+FORMATS = ("pth", "ckpt", "safetensors", "timm")
+CHECK_TOLERANCE = 1e-4  # max abs feature difference accepted by --check (float32, two frameworks)
+
+
+class ConvertError(ValueError):
+    """A file that cannot be read, written or trusted; the message names the file."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# readers: path -> (canonical-or-foreign state dict[str, np.ndarray], metadata dict)
+
+
+def _to_numpy(name: str, value, path: str) -> np.ndarray:
+    """A tensor/array as numpy; floating tensors become float32 (lossless for fp16/bf16)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.is_floating_point() and value.dtype != torch.float32:
+            value = value.float()
+        return value.numpy()
+    if hasattr(value, "asnumpy"):  # mindspore Tensor / Parameter
+        value = value.asnumpy()
+    if isinstance(value, np.ndarray):
+        if np.issubdtype(value.dtype, np.floating) and value.dtype != np.float32:
+            value = value.astype(np.float32)
+        return value
+    raise ConvertError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
+
+
+def _read_torch(path: str) -> Tuple[Dict[str, object], Dict[str, str]]:
+    try:
+        import torch
+    except ImportError:
+        raise ConvertError(f"{path}: reading PyTorch files needs torch, which is not installed "
+                           f"(pip install 'localmim[torch]')") from None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pickle-protocol chatter from torch
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = next((ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln or "global" in ln.lower()),
+                      _first_line(exc))
+        raise ConvertError(
+            f"{path}: refusing to load it: its pickle asks for objects other than tensors and "
+            f"argparse.Namespace, and untrusted code is never run ({reason})") from None
+    except Exception as exc:  # truncated zips, junk bytes: torch raises many types
+        raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+    return obj, {}
+
+
+def _read_mindspore(path: str) -> Tuple[Dict[str, object], Dict[str, str]]:
+    try:
+        import mindspore
+    except ImportError:
+        raise ConvertError(f"{path}: reading .ckpt files needs MindSpore, which is not installed "
+                           f"(pip install 'localmim[mindspore]')") from None
+    try:
+        params = mindspore.load_checkpoint(path)
+    except (RuntimeError, ValueError, OSError, TypeError) as exc:
+        raise ConvertError(f"{path}: not a readable MindSpore checkpoint ({_first_line(exc)})") from None
+    return dict(params), {}
+
+
+def _read_safetensors(path: str) -> Tuple[Dict[str, object], Dict[str, str]]:
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+    try:
+        with safe_open(path, framework="np") as f:
+            meta = dict(f.metadata() or {})
+        return load_file(path), meta
+    except Exception as exc:  # safetensors raises its own SafetensorError or OSError
+        raise ConvertError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+
+
+def _reader_for(path: str) -> Callable[[str], Tuple[Dict[str, object], Dict[str, str]]]:
+    ext = os.path.splitext(path)[1].lower()
+    if ext in TORCH_EXTS:
+        return _read_torch
+    if ext == ".ckpt":
+        return _read_mindspore
+    if ext == ".safetensors":
+        return _read_safetensors
+    raise ConvertError(f"{path}: unknown file type {ext or '(none)'!r}; expected "
+                       f"{', '.join(TORCH_EXTS)}, .ckpt or .safetensors")
+
+
+def read_state(path: str, reader: Optional[Callable] = None) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """Read a weights file -> (state {name: numpy array}, metadata).
+
+    Unwraps "model" / "state_dict" / "module", strips DDP / torch.compile prefixes and drops the
+    optimizer and meta entries of training checkpoints (core.state.unwrap_checkpoint).
+    """
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path}: no such file")
+    obj, meta = (reader or _reader_for(path))(path)
+    try:
+        raw = S.unwrap_checkpoint(obj)
+    except S.StateError as exc:
+        raise ConvertError(f"{path}: {exc}") from None
+    return {name: _to_numpy(name, value, path) for name, value in raw.items()}, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# writers
+
+
+def output_format(dst: str, to: Optional[str]) -> str:
+    """The output format: --to when given, else from DST's extension."""
+    ext = os.path.splitext(dst)[1].lower()
+    if to == "timm" and ext not in TORCH_EXTS + (".safetensors",):
+        raise ConvertError(f"{dst}: timm output is written as .pth or .safetensors, not {ext or 'no extension'!r}")
+    if to:
+        return to
+    if ext in TORCH_EXTS:
+        return "pth"
+    if ext in (".ckpt", ".safetensors"):
+        return ext[1:]
+    raise ConvertError(f"{dst}: cannot tell the output format from {ext or 'no extension'!r}; pass --to "
+                       f"{'|'.join(FORMATS)}")
+
+
+def _write_torch(path: str, state: Dict[str, np.ndarray], wrap: bool) -> None:
+    import torch
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+    torch.save({"model": tensors} if wrap else tensors, path)
+
+
+def _write_mindspore(path: str, state: Dict[str, np.ndarray]) -> None:
+    try:
+        import mindspore
+    except ImportError:
+        raise ConvertError(f"{path}: writing .ckpt files needs MindSpore, which is not installed "
+                           f"(pip install 'localmim[mindspore]')") from None
+    # A list of {"name", "data"}: saving a plain dict[str, Tensor] hits a MindSpore 2.10 bug.
+    items = [{"name": k, "data": mindspore.Tensor(np.ascontiguousarray(v))} for k, v in state.items()]
+    mindspore.save_checkpoint(items, path)
+
+
+def _write_safetensors(path: str, state: Dict[str, np.ndarray], metadata: Dict[str, str]) -> None:
+    from safetensors.numpy import save_file
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path, metadata=metadata)
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+
+
+def _verify(path: str, reader: Callable, state: Dict[str, np.ndarray], shown: str) -> None:
+    """Reload `path` and compare every tensor bit for bit with `state`."""
+    back, _ = read_state(path, reader)
+    if set(back) != set(state):
+        extra, lost = sorted(set(back) - set(state)), sorted(set(state) - set(back))
+        raise ConvertError(f"{shown}: verification failed: reloaded keys differ (lost {lost[:8]}, extra {extra[:8]})")
+    bad = sorted(k for k in state if not _same_bits(back[k], np.asarray(state[k])))
+    if bad:
+        raise ConvertError(f"{shown}: verification failed: {len(bad)} tensor(s) changed on reload: {', '.join(bad[:8])}")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_state(dst: str, state: Dict[str, np.ndarray], fmt: str, metadata: Dict[str, str],
+                force: bool = False) -> None:
+    """Write `state` to `dst` atomically, verified bit for bit before it replaces anything.
+
+    fmt: "pth" ({"model": tensors}), "ckpt" (MindSpore), "safetensors" (with `metadata`) or "timm"
+    (a plain state dict; .safetensors when dst ends so, else .pth). The file is written beside dst
+    under a temporary name, reloaded, compared, then renamed over dst; on any error the temporary
+    file is removed and dst is untouched. An existing dst is refused unless `force`.
+    """
+    if fmt not in FORMATS:
+        raise ConvertError(f"unknown output format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if os.path.exists(dst) and not force:
+        raise ConvertError(f"{dst}: already exists; pass --force to overwrite it")
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):
+        raise ConvertError(f"{dst}: the folder {folder} does not exist")
+    state = {k: np.ascontiguousarray(v) for k, v in state.items()}
+    timm_st = fmt == "timm" and dst.lower().endswith(".safetensors")
+    suffix = {"pth": ".pth", "ckpt": ".ckpt", "safetensors": ".safetensors",
+              "timm": ".safetensors" if timm_st else ".pth"}[fmt]
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp" + suffix, dir=folder)
+    os.close(fd)
+    try:
+        if fmt == "pth" or (fmt == "timm" and not timm_st):
+            _write_torch(tmp, state, wrap=fmt == "pth")
+            reader = _read_torch
+        elif fmt == "ckpt":
+            _write_mindspore(tmp, state)
+            reader = _read_mindspore
+        else:
+            _write_safetensors(tmp, state, metadata)
+            reader = _read_safetensors
+        _verify(tmp, reader, state, dst)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files and MindSpore read-only ones
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# --check: run both sides on the same image and mask
+
+
+def _check_image(image: Optional[str], spec: ViTSpec) -> np.ndarray:
+    """(1, 3, S, S) float32 ImageNet-normalised: the given image resized, or a fixed synthetic one."""
+    size = spec.img_size
+    if image is None:
+        y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+        rng = np.random.default_rng(0)
+        rgb = np.stack([np.sin(6 * x + 2 * y), np.cos(5 * y - 3 * x), x * y], 0)
+        rgb = 0.5 + 0.4 * rgb + 0.05 * rng.standard_normal((3, size, size)).astype(np.float32)
+    else:
+        from PIL import Image
+        try:
+            with Image.open(image) as im:
+                im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+                rgb = np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        except OSError as exc:
+            raise ConvertError(f"{image}: not a readable image ({_first_line(exc)})") from None
+    mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+    std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+    return ((rgb - mean) / std).astype(np.float32)[None]
+
+
+def _timm_features(state: Dict[str, np.ndarray], spec: ViTSpec, imgs: np.ndarray, ids_keep: np.ndarray) -> np.ndarray:
+    """timm ViT with `state` (timm names) on the visible tokens -> final normed tokens (B, 1+K, D)."""
+    import timm
+    import torch
+    kw = S.timm_kwargs(spec)
+    model = timm.create_model(kw.pop("model_name"), **kw).eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    with torch.no_grad():
+        x = model.patch_embed(torch.from_numpy(imgs)) + model.pos_embed[:, 1:]
+        idx = torch.from_numpy(ids_keep).unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        x = torch.gather(x, 1, idx)
+        cls = (model.cls_token + model.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = model.norm(model.blocks(torch.cat([cls, x], 1)))
+    return x.numpy()
+
+
+def _backend_run(backend: str, state: Dict[str, np.ndarray], spec: ViTSpec, imgs: np.ndarray,
+                 mask) -> Tuple[List[np.ndarray], Optional[float]]:
+    """Our model in `backend` with `state` (missing decoder/target keys taken from a fresh model)
+    -> (branch taps [(B, 1+K, D)], loss or None when the state has no decoders)."""
+    if backend == "torch":
+        import torch
+        from localmim.backends.torch.vit import build_model
+        tensor = torch.from_numpy
+        to_np = lambda t: t.detach().numpy()  # noqa: E731
+    else:
+        import mindspore
+        from localmim.backends.mindspore.vit import build_model
+        tensor = mindspore.Tensor
+        to_np = lambda t: t.asnumpy()  # noqa: E731
+    model = build_model(spec)
+    full = model.export_state()
+    has_decoders = all(k in state for k in full)
+    full.update(state)
+    model.import_state(full)
+    if hasattr(model, "eval"):
+        model.eval()
+    args = (tensor(imgs), tensor(mask.ids_keep))
+    if backend == "torch":
+        with torch.no_grad():
+            taps = [to_np(t) for t in model.forward_encoder(*args)]
+            loss = float(model(*args, tensor(mask.ids_restore), tensor(mask.mask))[0]) if has_decoders else None
+    else:
+        taps = [to_np(t) for t in model.forward_encoder(*args)]
+        loss = float(model(*args, tensor(mask.ids_restore), tensor(mask.mask))[0].asnumpy()) if has_decoders else None
+    return taps, loss
+
+
+def check_models(src_state: Dict[str, np.ndarray], src_layout: str, dst_path: str, dst_fmt: str,
+                 spec: ViTSpec, image: Optional[str] = None) -> Tuple[float, Optional[float]]:
+    """Run the source weights and the written file on one image and one core mask.
+
+    Source: our torch model for LocalMIM layouts, a timm ViT for MAE / timm layouts (decoder and head
+    keys dropped). Destination: a timm ViT for timm output, our MindSpore model for .ckpt, our torch
+    model otherwise. Returns (max abs difference of the last tap's features, loss difference or None).
+    """
+    try:
+        return _check_models(src_state, src_layout, dst_path, dst_fmt, spec, image)
+    except ImportError as exc:
+        raise ConvertError(f"--check cannot run: {_first_line(exc)}") from None
+
+
+def _check_models(src_state, src_layout, dst_path, dst_fmt, spec, image):
+    from localmim.core.masking import mask_rng, vit_mask
+    imgs = _check_image(image, spec)
+    mask = vit_mask(mask_rng(0, 0, 0, 0), 1, spec.num_patches, 0.75)
+    if src_layout in ("localmim", "localmim-encoder"):
+        src_taps, src_loss = _backend_run("torch", src_state, spec, imgs, mask)
+    else:
+        src_taps, src_loss = [_timm_features(S.mae_encoder_part(src_state), spec, imgs, mask.ids_keep)], None
+    dst_state, _ = read_state(dst_path)
+    if dst_fmt == "timm":
+        dst_taps, dst_loss = [_timm_features(dst_state, spec, imgs, mask.ids_keep)], None
+    else:
+        dst_taps, dst_loss = _backend_run("mindspore" if dst_fmt == "ckpt" else "torch",
+                                          dst_state, spec, imgs, mask)
+    n = min(len(src_taps), len(dst_taps))
+    feat = max(float(np.max(np.abs(a - b))) for a, b in zip(src_taps[-n:], dst_taps[-n:]))
+    loss = abs(src_loss - dst_loss) if src_loss is not None and dst_loss is not None else None
+    return feat, loss
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("src", metavar="SRC", help="weights to read (.pth/.pt/.bin, .ckpt, .safetensors)")
+    parser.add_argument("dst", metavar="DST", help="file to write")
+    parser.add_argument("--from", dest="src_layout", choices=S.LAYOUTS, default=None,
+                        help="source layout (default: detected from the keys)")
+    parser.add_argument("--to", dest="fmt", choices=FORMATS, default=None,
+                        help="output format (default: from DST's extension); timm writes a timm ViT encoder")
+    parser.add_argument("--model", default=None,
+                        help="model spec name (default: detected from the shapes)")
+    parser.add_argument("--check", nargs="?", const="", default=None, metavar="IMAGE",
+                        help="run source and destination models on IMAGE (or a synthetic image) and "
+                             "print the largest feature difference")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    return parser
+
+
+def _dst_layout(fmt: str, src_layout: str) -> str:
+    if fmt == "timm":
+        return "timm-vit"
+    return "localmim" if src_layout == "localmim" else "localmim-encoder"
+
+
+def _convert(args) -> int:
+    src, dst = args.src, args.dst
+    fmt = output_format(dst, args.fmt)
+    if os.path.exists(dst) and not args.force:
+        raise ConvertError(f"{dst}: already exists; pass --force to overwrite it")
+    state, meta = read_state(src)
+    layout = args.src_layout or S.detect_layout(state)
+    spec, spec_notes = S.infer_vit_spec(state, layout, what=src, name=args.model)
+    spec_notes = [spec_notes[0] + (" (given)" if args.model else " (detected from shapes)")]
+    out_layout = _dst_layout(fmt, layout)
+    out, notes = S.convert_state(state, layout, out_layout, spec, what=src)
+    print(f"source {src}: layout {layout}, {len(state)} keys")
+    for line in spec_notes + notes:
+        print(f"  {line}")
+    write_state(dst, out, fmt, {"layout": out_layout, "model": spec.name, "source_layout": layout},
+                force=args.force)
+    print(f"wrote {dst}: {fmt}, layout {out_layout}, {len(out)} keys, verified")
+    if args.check is not None:
+        feat, loss = check_models(state, layout, dst, fmt, spec, args.check or None)
+        print(f"check: encoder features max abs diff {feat:.3e}")
+        if loss is not None:
+            print(f"check: loss abs diff {loss:.3e}")
+        if feat > CHECK_TOLERANCE or (loss is not None and loss > CHECK_TOLERANCE):
+            print(f"localmim convert: error: --check differences exceed {CHECK_TOLERANCE:g}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def run(args) -> int:
+    """Run the conversion for parsed `args`; returns the exit code (0 ok, 2 bad input)."""
+    try:
+        return _convert(args)
+    except (ConvertError, S.StateError, SpecError) as exc:
+        print(f"localmim convert: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="localmim convert", description=__doc__.splitlines()[0]))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
