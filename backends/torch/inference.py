@@ -1,0 +1,76 @@
+"""Inference helpers: rebuild a pretrained model from a checkpoint and look at its reconstructions."""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+
+from localmim.backends.torch import checkpoint as ckpt
+from localmim.backends.torch.swin import build_swin, plan_tensors
+from localmim.backends.torch.vit import build_model
+from localmim.core import config as core_config
+from localmim.core.swin_plan import SwinPlan, build_swin_plan
+
+__all__ = ["load_model", "reconstruct"]
+
+
+def load_model(checkpoint_path: str, device="cpu") -> Tuple[torch.nn.Module, object]:
+    """(model in eval mode, spec) from a training checkpoint of this package.
+
+    The spec is rebuilt from the checkpoint's "config" dict through core.config; the weights are
+    loaded strictly (a mismatch raises CheckpointError naming the keys).
+    """
+    payload = ckpt.load_checkpoint(checkpoint_path, require=("model", "config"))
+    try:
+        cfg = core_config.config_from_dict(payload["config"], where=f"checkpoint {checkpoint_path} config")
+    except core_config.ConfigError as e:
+        raise ckpt.CheckpointError(str(e)) from None
+    spec = cfg.build_spec()
+    model = build_swin(spec) if spec.family == "swin" else build_model(spec)
+    ckpt.check_model_state(checkpoint_path, payload["model"], model.state_dict())
+    model.load_state_dict(payload["model"])
+    return model.to(device).eval(), spec
+
+
+def _as_tensor(x, dtype, device) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
+
+
+@torch.no_grad()
+def reconstruct(model: torch.nn.Module, images: np.ndarray, mask) -> Dict[str, List[np.ndarray]]:
+    """Per-branch predictions, targets and masks for one batch.
+
+    images: (B, 3, S, S) float32, ImageNet-normalised. mask: ViT: core.masking.VitMask for that batch;
+    Swin: a core.swin_plan.SwinPlan or the (L,) bool cell mask of core.masking.swin_cell_mask.
+    Returns {"targets": [(B, L_k, out_k)], "preds": [(B, L_k, out_k)], "masks": [(B, L_k)]} as float32
+    numpy arrays, k over branches (finest scale first), tokens in raster order of each branch's grid.
+    """
+    spec = model.spec
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (spec.img_size, spec.img_size):
+        raise ValueError(f"images of shape {images.shape} do not fit model {spec.name}: expected "
+                         f"(B, 3, {spec.img_size}, {spec.img_size})")
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        imgs = _as_tensor(images, torch.float32, device)
+        if spec.family == "swin":
+            plan = mask if isinstance(mask, SwinPlan) else build_swin_plan(spec, np.asarray(mask, dtype=bool))
+            plan = plan_tensors(plan, device)
+            preds = model.forward_decoders(model.forward_encoder(imgs, plan), plan)
+            masks = model.branch_masks(plan, imgs.shape[0])
+        else:
+            ids_keep = _as_tensor(mask.ids_keep, torch.int64, device)
+            ids_restore = _as_tensor(mask.ids_restore, torch.int64, device)
+            preds = model.forward_decoders(model.forward_encoder(imgs, ids_keep), ids_restore)
+            masks = model.scale_masks(_as_tensor(mask.mask, torch.float32, device))
+        targets = model.forward_targets(imgs)
+    finally:
+        model.train(was_training)
+
+    def to_np(ts):
+        return [t.detach().float().cpu().numpy() for t in ts]
+
+    return {"targets": to_np(targets), "preds": to_np(preds), "masks": to_np(masks)}
