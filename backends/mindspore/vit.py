@@ -109,7 +109,7 @@ class LocalMIMViT(nn.Cell):
         self.grid = spec.grid
         self.num_patches = spec.num_patches
         self.scales = tuple(b.scale for b in self.branch_specs)
-        self.cells = tuple(b.cell for b in self.branch_specs)
+        self.cell_sizes = tuple(b.cell for b in self.branch_specs)
         self.out_dims = spec.out_dims()
         self.target_kind = spec.target.kind
         self.nbins = spec.target.nbins
@@ -207,11 +207,11 @@ class LocalMIMViT(nn.Cell):
             weight = self.hog_enc[0].conv.weight
             if self.hog_bias:
                 biases = [self.hog_enc[k].conv.bias for k in range(self.num_branches)]
-                outs = T.hog_targets(imgs, self.cells, self.nbins, weight, biases)
+                outs = T.hog_targets(imgs, self.cell_sizes, self.nbins, weight, biases)
             else:
-                outs = T.hog_targets(imgs, self.cells, self.nbins, weight)
+                outs = T.hog_targets(imgs, self.cell_sizes, self.nbins, weight)
         else:
-            outs = T.pixel_targets(imgs, self.cells, self.norm_pix)
+            outs = T.pixel_targets(imgs, self.cell_sizes, self.norm_pix)
         return [ops.stop_gradient(t) for t in outs]
 
     def scale_masks(self, mask) -> List[Tensor]:

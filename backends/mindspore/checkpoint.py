@@ -1,0 +1,241 @@
+"""Training checkpoints for the MindSpore backend: atomic save, checked load, discovery, pruning.
+
+The payload is the same as the torch backend's:
+
+    {"model": canonical state {name: (shape) float32}, "optimizer": {state name: array},
+     "scaler": {"scale_value", "scale_factor", "scale_window", "counter"} or None,
+     "step": int (optimizer steps done), "epoch": int (epoch the next step belongs to),
+     "config": plain dict of the PretrainConfig}
+
+On disk it is one `checkpoint-<step>.ckpt` that `mindspore.load_checkpoint` reads, flattened to
+named tensors (a list of {"name", "data"}: saving a plain dict[str, Tensor] hits a MindSpore 2.10
+bug):
+
+    <canonical model name>        e.g. blocks.0.attn.qkv.weight
+    optim.<optimizer state name>  e.g. optim.exp_avg.blocks.0.attn.qkv.weight, optim.state_step
+    scaler.<field>                loss-scaler state (fp16 only)
+    meta.step, meta.epoch         int64 scalars
+    meta.format                   the string "localmim-mindspore-pretrain-1"
+    meta.config                   the config as JSON text (MindSpore stores strings natively)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+__all__ = [
+    "CheckpointError", "CHECKPOINT_KEYS", "FORMAT_TAG", "checkpoint_name", "save_checkpoint", "load_checkpoint",
+    "list_checkpoints", "latest_checkpoint", "prune_checkpoints", "check_model_state",
+]
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "step", "epoch", "config")
+FORMAT_TAG = "localmim-mindspore-pretrain-1"
+_NAME_RE = re.compile(r"^checkpoint-(\d+)\.ckpt$")
+_PREFIXES = {"optimizer": "optim.", "scaler": "scaler."}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, corrupt, foreign or made for another model."""
+
+
+def checkpoint_name(step: int) -> str:
+    """File name of the checkpoint written after `step` optimizer steps."""
+    return f"checkpoint-{int(step)}.ckpt"
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _to_tensor(value):
+    import mindspore as ms
+    if isinstance(value, ms.Tensor):
+        return value
+    arr = np.asarray(value)
+    if arr.dtype == np.float64:
+        arr = arr.astype(np.float32)
+    return ms.Tensor(np.ascontiguousarray(arr))
+
+
+def _flatten(payload: Mapping) -> Tuple[List[Dict], Dict]:
+    """payload -> (list of {"name", "data"} tensors, append_dict of strings)."""
+    missing = [k for k in CHECKPOINT_KEYS if k not in payload]
+    if missing:
+        raise ValueError(f"checkpoint payload lacks keys {missing}")
+    entries = []
+    seen = set()
+
+    def add(name, value):
+        if name in seen:
+            raise ValueError(f"checkpoint payload has the tensor name {name} twice")
+        seen.add(name)
+        entries.append({"name": name, "data": _to_tensor(value)})
+
+    for name, value in payload["model"].items():
+        if name.startswith(("optim.", "scaler.", "meta.")):
+            raise ValueError(f"model parameter name {name} collides with a reserved checkpoint prefix")
+        add(name, value)
+    for section, prefix in _PREFIXES.items():
+        for name, value in (payload.get(section) or {}).items():
+            add(prefix + name, value)
+    add("meta.step", np.array(int(payload["step"]), dtype=np.int64))
+    add("meta.epoch", np.array(int(payload["epoch"]), dtype=np.int64))
+    extra = {"meta.format": FORMAT_TAG, "meta.config": json.dumps(payload["config"], sort_keys=True)}
+    return entries, extra
+
+
+def save_checkpoint(path: str, payload: Mapping) -> str:
+    """Write `payload` (see module docstring) to `path` atomically.
+
+    mindspore.save_checkpoint writes to a temp file in the same folder (its name ends in .ckpt,
+    which MindSpore requires, and starts with '.tmp-' so discovery ignores it), which is fsynced
+    and then moved over `path` with os.replace: a crash leaves the old file or the new one,
+    never half a file. Returns `path`.
+    """
+    import mindspore as ms
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    entries, extra = _flatten(payload)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", suffix=".ckpt", dir=folder)
+    os.close(fd)
+    try:
+        ms.save_checkpoint(entries, tmp, append_dict=extra, crc_check=True)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+    return path
+
+
+def _to_numpy(value):
+    return value.asnumpy() if hasattr(value, "asnumpy") else value
+
+
+def load_checkpoint(path: str, require: Iterable[str] = CHECKPOINT_KEYS) -> Dict:
+    """Read a checkpoint written by save_checkpoint back into the payload dict (numpy arrays).
+
+    require: payload keys that must be present (default: all training keys; ("model",) reads a
+    weights-only file; a plain MindSpore checkpoint without meta entries then gives its tensors
+    as "model"). Raises FileNotFoundError, or CheckpointError with one sentence naming the file and
+    the keys at fault.
+    """
+    import mindspore as ms
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        raw = ms.load_checkpoint(path, crc_check=True)
+    except Exception as e:  # MindSpore raises ValueError / RuntimeError / TypeError on bad files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not a MindSpore checkpoint and "
+                              f"cannot be read ({msg})") from None
+    if not raw:
+        raise CheckpointError(f"checkpoint {path} holds no tensors")
+    payload: Dict = {"model": {}, "optimizer": {}, "scaler": None}
+    scaler: Dict[str, np.ndarray] = {}
+    fmt = raw.get("meta.format")
+    for name, value in raw.items():
+        if name.startswith("optim."):
+            payload["optimizer"][name[len("optim."):]] = _to_numpy(value)
+        elif name.startswith("scaler."):
+            scaler[name[len("scaler."):]] = _to_numpy(value)
+        elif name.startswith("meta."):
+            continue
+        else:
+            payload["model"][name] = _to_numpy(value)
+    if scaler:  # all scalars; MindSpore stores 0-d tensors as shape (1,)
+        payload["scaler"] = {k: np.asarray(v).reshape(()) for k, v in scaler.items()}
+    if "state_step" in payload["optimizer"]:
+        payload["optimizer"]["state_step"] = np.asarray(payload["optimizer"]["state_step"]).reshape(())
+    if fmt is not None:
+        if fmt != FORMAT_TAG:
+            raise CheckpointError(f"checkpoint {path} has format {fmt!r}, expected {FORMAT_TAG!r}")
+        try:
+            payload["step"] = int(np.asarray(_to_numpy(raw["meta.step"])).reshape(-1)[0])
+            payload["epoch"] = int(np.asarray(_to_numpy(raw["meta.epoch"])).reshape(-1)[0])
+            payload["config"] = json.loads(raw["meta.config"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {path} has broken meta entries (meta.step, meta.epoch, "
+                                  f"meta.config): {e}") from None
+    else:
+        payload.pop("optimizer")
+        payload.pop("scaler")
+    missing = [k for k in require if k not in payload]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} is not a localmim MindSpore training checkpoint: missing keys {missing} "
+            f"(no meta.format/meta.step/meta.config entries; found tensors {sorted(raw)[:8]})")
+    return payload
+
+
+def check_model_state(path: str, state: Mapping[str, np.ndarray], expected: Mapping[str, tuple]) -> None:
+    """Raise CheckpointError naming missing, unexpected and mis-shaped keys of `state` vs `expected`.
+
+    expected: {name: shape} of the model (e.g. model.state_shapes()). path: only for the message.
+    """
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected)
+    shapes = sorted(f"{k}: {tuple(np.shape(state[k]))} vs model {tuple(expected[k])}"
+                    for k in expected if k in state and tuple(np.shape(state[k])) != tuple(expected[k]))
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_short(unexpected)}")
+        if shapes:
+            parts.append(f"mis-shaped keys {_short(shapes)}")
+        raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(parts))
+
+
+def _short(items: List[str], limit: int = 8) -> str:
+    head = ", ".join(items[:limit])
+    return f"[{head}{', ... %d more' % (len(items) - limit) if len(items) > limit else ''}]"
+
+
+def list_checkpoints(folder: str) -> List[Tuple[int, str]]:
+    """All `checkpoint-<step>.ckpt` files in `folder` as (step, path), oldest step first."""
+    if not folder or not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        m = _NAME_RE.match(name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(folder, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(folder: str) -> Optional[str]:
+    """Path of the checkpoint with the highest step in `folder`, or None."""
+    found = list_checkpoints(folder)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(folder: str, keep: int) -> List[str]:
+    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps all). Returns removed paths."""
+    if keep is None or keep <= 0:
+        return []
+    removed = []
+    for _, path in list_checkpoints(folder)[:-keep]:
+        os.remove(path)
+        removed.append(path)
+    return removed

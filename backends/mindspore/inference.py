@@ -1,0 +1,58 @@
+"""Inference helpers: rebuild a pretrained model from a checkpoint and look at its reconstructions."""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+import mindspore as ms
+
+from localmim.backends.mindspore import checkpoint as ckpt
+from localmim.backends.mindspore.vit import build_model
+from localmim.core import config as core_config
+
+__all__ = ["load_model", "reconstruct"]
+
+
+def load_model(checkpoint_path: str) -> Tuple[object, object]:
+    """(model, spec) from a MindSpore training checkpoint of this package.
+
+    The spec is rebuilt from the checkpoint's config (meta.config) through core.config; the
+    weights are loaded strictly (a mismatch raises CheckpointError naming the keys).
+    """
+    payload = ckpt.load_checkpoint(checkpoint_path, require=("model", "config"))
+    try:
+        cfg = core_config.config_from_dict(payload["config"], where=f"checkpoint {checkpoint_path} config")
+    except core_config.ConfigError as e:
+        raise ckpt.CheckpointError(str(e)) from None
+    spec = cfg.build_spec()
+    model = build_model(spec)
+    ckpt.check_model_state(checkpoint_path, payload["model"], model.state_shapes())
+    model.import_state(payload["model"])
+    return model, spec
+
+
+def reconstruct(model, images: np.ndarray, mask) -> Dict[str, List[np.ndarray]]:
+    """Per-branch predictions, targets and masks for one batch.
+
+    images: (B, 3, S, S) float32, ImageNet-normalised. mask: core.masking.VitMask for that batch.
+    Returns {"targets": [(B, L_k, out_k)], "preds": [(B, L_k, out_k)], "masks": [(B, L_k)]} as float32
+    numpy arrays, k over branches (finest scale first), tokens in raster order of each branch's grid.
+    """
+    spec = model.spec
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (spec.img_size, spec.img_size):
+        raise ValueError(f"images of shape {images.shape} do not fit model {spec.name}: expected "
+                         f"(B, 3, {spec.img_size}, {spec.img_size})")
+    imgs = ms.Tensor(images)
+    ids_keep = ms.Tensor(np.asarray(mask.ids_keep, dtype=np.int64))
+    ids_restore = ms.Tensor(np.asarray(mask.ids_restore, dtype=np.int64))
+    patch_mask = ms.Tensor(np.asarray(mask.mask, dtype=np.float32))
+    preds = model.forward_decoders(model.forward_encoder(imgs, ids_keep), ids_restore)
+    targets = model.forward_targets(imgs)
+    masks = model.scale_masks(patch_mask)
+
+    def to_np(ts):
+        return [t.asnumpy().astype(np.float32) for t in ts]
+
+    return {"targets": to_np(targets), "preds": to_np(preds), "masks": to_np(masks)}

@@ -1,0 +1,361 @@
+"""`localmim parity`: compare the PyTorch and MindSpore backends quantity by quantity.
+
+For the same canonical weights, images and core masks (float32, CPU) it measures the worst
+relative error of every quantity the parity contract names (docs/internals.md, DESIGN.md):
+encoder taps, per-branch predictions, targets, per-branch and total loss, the gradient of every
+parameter, parameters after several AdamW steps with the core's groups and schedule, and a
+training-loss curve. HOG targets may differ where atan2 lands exactly on a bin edge, so for them
+the share of differing cells is reported next to the value error.
+
+The relative error of a tensor pair is max|a - b| / max(max|b|, 1e-12): one number per tensor,
+insensitive to where the tensor is small.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from localmim.core import masking
+from localmim.core.param_groups import is_frozen_name, pretrain_param_groups
+from localmim.core.schedule import lr_for_step
+from localmim.core.specs import TargetSpec, get_spec
+from localmim.core.swin_plan import build_swin_plan
+
+# The parity contract (DESIGN.md): forward quantities, gradients, parameters after AdamW steps.
+FORWARD_TOL = 1e-5
+GRAD_TOL = 1e-4
+PARAM_TOL = 1e-4
+CURVE_TOL = 1e-4
+HOG_FLIP_TOL = 1e-4
+
+
+@dataclasses.dataclass
+class Row:
+    """One compared quantity: its worst relative error over all tensors, and the bound it must meet."""
+    quantity: str
+    worst: float
+    tolerance: float
+    where: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.worst <= self.tolerance)
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
+    return float(np.max(np.abs(a - b), initial=0.0) / max(float(np.max(np.abs(b), initial=0.0)), 1e-12))
+
+
+def worst_of(name: str, pairs: Dict[str, tuple], tol: float) -> Row:
+    """The worst relative error over named (a, b) pairs, remembering which name it was."""
+    errs = {k: relative_error(a, b) for k, (a, b) in pairs.items()}
+    key = max(errs, key=errs.get)
+    return Row(name, errs[key], tol, key)
+
+
+def differing_cell_share(a: np.ndarray, b: np.ndarray, atol: float = 1e-4) -> float:
+    """Share of target tokens (B, L, C) whose feature vector differs anywhere by more than atol."""
+    diff = np.abs(np.asarray(a) - np.asarray(b)).max(axis=-1) > atol
+    return float(diff.mean())
+
+
+# ------------------------------------------------------------------------------- inputs
+
+@dataclasses.dataclass
+class Inputs:
+    """One batch as numpy: images plus the mask arguments each model method takes after them.
+
+    ViT: encoder (ids_keep,), decoders (ids_restore,), loss (ids_keep, ids_restore, mask).
+    Swin: the grouping plan (a dict of arrays) for all three.
+    """
+    images: np.ndarray
+    encoder: tuple
+    decoder: tuple
+    model: tuple
+
+
+def make_inputs(spec, batch: int, seed: int, step: int = 0) -> Inputs:
+    """Smooth random images (ImageNet-normalised scale) and the core's mask or plan, both seeded."""
+    rng = np.random.default_rng([seed, step])
+    s = spec.img_size
+    coarse = rng.standard_normal((batch, 3, s // 4, s // 4)).astype(np.float32)
+    images = np.repeat(np.repeat(coarse, 4, axis=2), 4, axis=3)
+    images = (images + 0.3 * rng.standard_normal(images.shape)).astype(np.float32)
+    mask_rng = masking.mask_rng(seed, 0, step, 0)
+    if spec.family == "swin":
+        plan = build_swin_plan(spec, masking.swin_cell_mask(mask_rng, spec.mask_grid, 0.75)).to_arrays()
+        return Inputs(images, (plan,), (plan,), (plan,))
+    m = masking.vit_mask(mask_rng, batch, spec.num_patches, 0.75)
+    return Inputs(images, (m.ids_keep,), (m.ids_restore,), (m.ids_keep, m.ids_restore, m.mask))
+
+
+# ------------------------------------------------------------------------------- backends
+
+class TorchSide:
+    """The PyTorch model driven with numpy in, numpy out."""
+
+    def __init__(self, spec, state):
+        import torch
+        from localmim.backends.torch import build_model
+        self.torch = torch
+        torch.manual_seed(0)
+        self.model = build_model(spec).float()
+        self.model.import_state(state)
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _t(self, x):
+        if isinstance(x, dict):
+            return {k: self._t(v) for k, v in x.items()}
+        return self.torch.from_numpy(np.ascontiguousarray(x))
+
+    def _args(self, args):
+        return [self._t(a) for a in args]
+
+    def forward(self, inputs: Inputs):
+        with self.torch.no_grad():
+            imgs = self._t(inputs.images)
+            latents = self.model.forward_encoder(imgs, *self._args(inputs.encoder))
+            preds = self.model.forward_decoders(latents, *self._args(inputs.decoder))
+            targets = self.model.forward_targets(imgs)
+            loss, branch = self.model(imgs, *self._args(inputs.model))
+        return {"latents": [x.numpy() for x in latents], "preds": [x.numpy() for x in preds],
+                "targets": [x.numpy() for x in targets], "loss": loss.numpy(), "branch": branch.numpy()}
+
+    def _loss(self, inputs: Inputs):
+        return self.model(self._t(inputs.images), *self._args(inputs.model))[0]
+
+    def gradients(self, inputs: Inputs) -> Dict[str, np.ndarray]:
+        self.model.zero_grad(set_to_none=True)
+        self._loss(inputs).backward()
+        return {n: p.grad.numpy().copy() for n, p in self.params.items()}
+
+    def make_optimizer(self, groups, lr, betas, eps):
+        opt_groups = [{"params": [self.params[n] for n in g["params"]], "weight_decay": g["weight_decay"]}
+                      for g in groups]
+        self.optimizer = self.torch.optim.AdamW(opt_groups, lr=lr, betas=tuple(betas), eps=eps)
+
+    def train_step(self, inputs: Inputs, lr: float) -> float:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._loss(inputs)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def state(self):
+        return self.model.export_state()
+
+
+class MindSporeSide:
+    """The MindSpore model driven with numpy in, numpy out.
+
+    Forward passes run in PyNative mode. The ViT training step is compiled with ms.jit (static
+    shapes); the Swin one stays in PyNative because each plan has its own group shapes.
+    """
+
+    def __init__(self, spec, state):
+        import mindspore as ms
+        from localmim.backends.mindspore import build_model, ensure_cpu_context
+        ensure_cpu_context()
+        self.ms = ms
+        self.spec = spec
+        self.model = build_model(spec)
+        self.model.import_state(state)
+        self.params = {p.name: p for p in self.model.trainable_params()}
+
+    def _t(self, x):
+        if isinstance(x, dict):
+            return {k: self._t(v) for k, v in x.items()}
+        return self.ms.Tensor(np.ascontiguousarray(x))
+
+    def _args(self, args):
+        return [self._t(a) for a in args]
+
+    def forward(self, inputs: Inputs):
+        imgs = self._t(inputs.images)
+        latents = self.model.forward_encoder(imgs, *self._args(inputs.encoder))
+        preds = self.model.forward_decoders(latents, *self._args(inputs.decoder))
+        targets = self.model.forward_targets(imgs)
+        loss, branch = self.model(imgs, *self._args(inputs.model))
+        return {"latents": [x.asnumpy() for x in latents], "preds": [x.asnumpy() for x in preds],
+                "targets": [x.asnumpy() for x in targets], "loss": loss.asnumpy(), "branch": branch.asnumpy()}
+
+    def _loss_fn(self, imgs, *args):
+        return self.model(imgs, *args)[0]
+
+    def gradients(self, inputs: Inputs) -> Dict[str, np.ndarray]:
+        names = list(self.params)
+        grad_fn = self.ms.value_and_grad(self._loss_fn, None, [self.params[n] for n in names])
+        _, grads = grad_fn(self._t(inputs.images), *self._args(inputs.model))
+        return {n: g.asnumpy() for n, g in zip(names, grads)}
+
+    def make_optimizer(self, groups, lr, betas, eps):
+        from mindspore.experimental.optim import AdamW
+        opt_groups = [{"params": [self.params[n] for n in g["params"]], "weight_decay": g["weight_decay"]}
+                      for g in groups]
+        self.optimizer = AdamW(opt_groups, lr=lr, betas=tuple(betas), eps=eps)
+        grad_fn = self.ms.value_and_grad(self._loss_fn, None, self.optimizer.parameters)
+        optimizer = self.optimizer
+
+        def step(imgs, *args):
+            loss, grads = grad_fn(imgs, *args)
+            optimizer(grads)
+            return loss
+
+        self._step = self.ms.jit(step) if self.spec.family == "vit" else step
+
+    def train_step(self, inputs: Inputs, lr: float) -> float:
+        # set_data would swap the tensor behind the compiled step's back; assign writes in place.
+        for lr_param in self.optimizer.lrs:
+            self.ms.ops.assign(lr_param, self.ms.Tensor(lr, self.ms.float32))
+        loss = self._step(self._t(inputs.images), *self._args(inputs.model))
+        return float(loss.asnumpy())
+
+    def state(self):
+        return self.model.export_state()
+
+
+# ------------------------------------------------------------------------------- comparisons
+
+def initial_state(spec) -> Dict[str, np.ndarray]:
+    """Fresh canonical weights from the torch initialisation (the reference's init)."""
+    import torch
+    from localmim.backends.torch import build_model
+    torch.manual_seed(0)
+    return build_model(spec).export_state()
+
+
+def compare_forward(spec, tside, mside, inputs: Inputs) -> List[Row]:
+    a, b = mside.forward(inputs), tside.forward(inputs)
+    rows = [worst_of("encoder taps", {f"tap {k}": (x, y) for k, (x, y) in
+                                      enumerate(zip(a["latents"], b["latents"]))}, FORWARD_TOL),
+            worst_of("predictions", {f"branch {k}": (x, y) for k, (x, y) in
+                                     enumerate(zip(a["preds"], b["preds"]))}, FORWARD_TOL)]
+    target_pairs = {f"branch {k}": (x, y) for k, (x, y) in enumerate(zip(a["targets"], b["targets"]))}
+    if spec.target.kind == "hog":
+        shares = {k: differing_cell_share(x, y) for k, (x, y) in target_pairs.items()}
+        key = max(shares, key=shares.get)
+        rows.append(Row("HOG cells that differ (share)", shares[key], HOG_FLIP_TOL, key))
+        # Value agreement on the cells where no bin flipped.
+        same = {k: (np.where(np.abs(x - y).max(-1, keepdims=True) > 1e-4, y, x), y)
+                for k, (x, y) in target_pairs.items()}
+        rows.append(worst_of("targets (unflipped cells)", same, FORWARD_TOL))
+    else:
+        rows.append(worst_of("targets", target_pairs, FORWARD_TOL))
+    rows.append(worst_of("branch losses", {f"branch {k}": (a["branch"][k], b["branch"][k])
+                                           for k in range(len(a["branch"]))}, FORWARD_TOL))
+    rows.append(Row("loss", relative_error(a["loss"], b["loss"]), FORWARD_TOL))
+    return rows
+
+
+def compare_gradients(tside, mside, inputs: Inputs) -> Row:
+    gt, gm = tside.gradients(inputs), mside.gradients(inputs)
+    if set(gt) != set(gm):
+        raise AssertionError(f"trainable parameters differ: {sorted(set(gt) ^ set(gm))}")
+    return worst_of("gradients", {n: (gm[n], gt[n]) for n in gt}, GRAD_TOL)
+
+
+def split_key_bias(state: Dict[str, np.ndarray]) -> tuple:
+    """Split the key third out of every fused qkv bias.
+
+    The key bias adds q . b_k to every logit of a query row, which softmax ignores: its gradient is
+    zero in exact arithmetic and AdamW turns the rounding noise into +-lr-sized steps that no two
+    implementations share. Those entries are compared against an absolute bound instead.
+    """
+    rest, key_bias = {}, {}
+    for name, value in state.items():
+        if name.endswith("attn.qkv.bias"):
+            q, k, v = np.split(value, 3)
+            rest[name] = np.concatenate([q, v])
+            key_bias[name] = k
+        else:
+            rest[name] = value
+    return rest, key_bias
+
+
+def _groups(spec, state, weight_decay=0.05):
+    named = {n: v.shape for n, v in state.items() if not is_frozen_name(n)}
+    return pretrain_param_groups(named, weight_decay, spec.family)
+
+
+def compare_training(spec, state, batches: Sequence, lr=1e-3, min_lr=1e-5, warmup=1, epochs=4,
+                     steps_per_epoch=None) -> tuple:
+    """Train both backends on the same batches.
+
+    Returns (parameters row, key-bias row, worst relative loss-curve error, (torch, mindspore) losses).
+    """
+    tside, mside = TorchSide(spec, state), MindSporeSide(spec, state)
+    groups = _groups(spec, state)
+    steps_per_epoch = steps_per_epoch or max(1, len(batches) // epochs)
+    for side in (tside, mside):
+        side.make_optimizer(groups, lr, (0.9, 0.95), 1e-8)
+    curve_t, curve_m = [], []
+    for step, inputs in enumerate(batches):
+        step_lr = lr_for_step(step, steps_per_epoch, lr, min_lr, warmup, epochs)
+        curve_t.append(tside.train_step(inputs, step_lr))
+        curve_m.append(mside.train_step(inputs, step_lr))
+    (st, kt), (sm, km) = split_key_bias(tside.state()), split_key_bias(mside.state())
+    params = worst_of(f"parameters after {len(batches)} AdamW steps", {n: (sm[n], st[n]) for n in st}, PARAM_TOL)
+    # Each AdamW step moves a parameter by at most about lr (|m_hat / sqrt(v_hat)| <= ~1).
+    key_bound = 2.0 * lr * len(batches)
+    key_diff = max((float(np.abs(km[n] - kt[n]).max()) for n in kt), default=0.0)
+    key_row = Row("qkv key-bias drift (absolute, zero gradient)", key_diff, key_bound)
+    curve_err = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(curve_m, curve_t))
+    return params, key_row, curve_err, (curve_t, curve_m)
+
+
+def run_parity(spec, batch: int = 2, seed: int = 0, adam_steps: int = 5, curve_steps: int = 0,
+               curve_spec=None) -> List[Row]:
+    state = initial_state(spec)
+    inputs = make_inputs(spec, batch, seed)
+    tside, mside = TorchSide(spec, state), MindSporeSide(spec, state)
+    rows = compare_forward(spec, tside, mside, inputs)
+    rows.append(compare_gradients(tside, mside, inputs))
+    batches = [make_inputs(spec, batch, seed, step) for step in range(adam_steps)]
+    params_row, key_row, _, _ = compare_training(spec, state, batches)
+    rows += [params_row, key_row]
+    if curve_steps:
+        cspec = curve_spec or spec
+        cstate = initial_state(cspec)
+        cbatches = [make_inputs(cspec, batch, seed, step) for step in range(curve_steps)]
+        _, _, curve_err, _ = compare_training(cspec, cstate, cbatches, lr=5e-4, warmup=5, epochs=curve_steps,
+                                           steps_per_epoch=1)
+        rows.append(Row(f"loss curve, {curve_steps} steps ({cspec.name})", curve_err, CURVE_TOL))
+    return rows
+
+
+def format_rows(title: str, rows: Sequence[Row]) -> str:
+    lines = [title, f"{'quantity':44s} {'worst rel. err':>14s} {'bound':>8s}  ok  worst at"]
+    for r in rows:
+        lines.append(f"{r.quantity:44s} {r.worst:14.3e} {r.tolerance:8.0e}  {'yes' if r.ok else 'NO ':3s} {r.where}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--model", default="vit_tiny_test", help="a ViT or Swin model name from core.specs")
+    parser.add_argument("--target", default=None, choices=["hog", "pixel"], help="default: the model's")
+    parser.add_argument("--hog-bias", action="store_true")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adam-steps", type=int, default=5)
+    parser.add_argument("--curve-steps", type=int, default=0,
+                        help="also compare a training-loss curve of this many steps")
+
+
+def run(args) -> int:
+    spec = get_spec(args.model)
+    if args.target or args.hog_bias:
+        t = spec.target
+        spec = spec.with_(target=TargetSpec(kind=args.target or t.kind, nbins=t.nbins,
+                                            hog_bias=args.hog_bias or t.hog_bias, norm_pix=t.norm_pix))
+    rows = run_parity(spec, args.batch, args.seed, args.adam_steps, args.curve_steps)
+    print(format_rows(f"PyTorch vs MindSpore, {spec.name}, target {spec.target.kind}, float32 CPU", rows))
+    return 0 if all(r.ok for r in rows) else 1
