@@ -4,6 +4,17 @@ import numpy as np
 import pytest
 
 
+def pytest_configure(config):
+    """One torch thread: the tests run tiny models on 2 cores, and once MindSpore's CPU thread pool
+    is loaded in the same process, torch's OpenMP threads contend with it (measured on vit_demo:
+    a training step took 5 s with 2 threads, 0.1 s with 1)."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """Factory: image_folder(n=4, size=64, mode="RGB", nested=False) -> path of a folder of PNGs.

@@ -1,9 +1,16 @@
-"""`localmim convert SRC DST`: move ViT weights between frameworks and codebases.
+"""`localmim convert SRC DST`: move ViT and Swin weights between frameworks and codebases.
 
 Reads a PyTorch `.pth/.pt/.bin` (this package's training checkpoints, official LocalMIM, MAE or
-timm files), a MindSpore `.ckpt` or a `.safetensors` file, detects its layout and model size,
-maps it through the canonical state (core.state) and writes `.pth`, `.ckpt`, `.safetensors` or a
-timm-compatible encoder. Every write is atomic and verified by reading the file back.
+timm files), a MindSpore `.ckpt` or a `.safetensors` file, detects its family (ViT or Swin), layout
+and model size, maps it through the canonical state (core.state) and writes `.pth`, `.ckpt`,
+`.safetensors` or a timm-compatible encoder. Every write is atomic and verified by reading the file
+back.
+
+Swin: an official LocalMIM Swin checkpoint is recognised by its relative_position_index buffers
+(or `--from official-localmim-swin`); its patch-merging weights are permuted from the official
+order TL, TR, BL, BR to ours (Swin's TL, BL, TR, BR). `--layout official-localmim-swin` writes the
+official layout back, `--layout swin-encoder` a standard Swin encoder for fine-tuning and
+`--to timm` a timm SwinTransformer state.
 
 Loading never runs code from the file: PyTorch files are read with `weights_only=True`, allowing
 exactly `argparse.Namespace` (the `args` entry of official LocalMIM and MAE checkpoints).
@@ -22,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from localmim.core import state as S
-from localmim.core.specs import SpecError, ViTSpec
+from localmim.core.specs import SpecError, SwinSpec, ViTSpec
 
 __all__ = ["ConvertError", "add_arguments", "run", "main", "read_state", "write_state",
            "output_format", "check_models"]
@@ -313,14 +320,21 @@ def _backend_run(backend: str, state: Dict[str, np.ndarray], spec: ViTSpec, imgs
 
 
 def check_models(src_state: Dict[str, np.ndarray], src_layout: str, dst_path: str, dst_fmt: str,
-                 spec: ViTSpec, image: Optional[str] = None) -> Tuple[float, Optional[float]]:
+                 spec, image: Optional[str] = None,
+                 dst_layout: Optional[str] = None) -> Tuple[float, Optional[float]]:
     """Run the source weights and the written file on one image and one core mask.
+
+    Swin (`spec` a SwinSpec): both sides are mapped to the canonical state (official merge order
+    permuted) and run in our LocalMIMSwin (MindSpore for a .ckpt destination, torch otherwise) on a
+    core plan of the 0.75 cell mask from mask_rng(0, 0, 0, 0); `dst_layout` names the written layout.
 
     Source: our torch model for LocalMIM layouts, a timm ViT for MAE / timm layouts (decoder and head
     keys dropped). Destination: a timm ViT for timm output, our MindSpore model for .ckpt, our torch
     model otherwise. Returns (max abs difference of the last tap's features, loss difference or None).
     """
     try:
+        if isinstance(spec, SwinSpec):
+            return _check_swin(src_state, src_layout, dst_path, dst_layout, dst_fmt, spec, image)
         return _check_models(src_state, src_layout, dst_path, dst_fmt, spec, image)
     except ImportError as exc:
         raise ConvertError(f"--check cannot run: {_first_line(exc)}") from None
@@ -346,6 +360,54 @@ def _check_models(src_state, src_layout, dst_path, dst_fmt, spec, image):
     return feat, loss
 
 
+def _swin_run(backend: str, canon: Dict[str, np.ndarray], spec: SwinSpec, imgs: np.ndarray,
+              plan) -> Tuple[List[np.ndarray], Optional[float]]:
+    """Our LocalMIMSwin in `backend` with the canonical `canon` (keys it lacks come from a fresh
+    model) -> (branch latents [(B, N_vis_k, C_k)], loss or None when `canon` has no decoders)."""
+    if backend == "torch":
+        import torch
+        from localmim.backends.torch import build_model
+        from localmim.backends.torch.swin import plan_tensors
+    else:
+        import mindspore
+        from localmim.backends.mindspore import build_model
+        from localmim.backends.mindspore.swin import plan_tensors
+    model = build_model(spec)
+    full = model.export_state()
+    has_decoders = all(k in canon for k in full)
+    full.update(canon)
+    model.import_state(full)
+    plan_t = plan_tensors(plan)
+    if backend == "torch":
+        model.eval()
+        with torch.no_grad():
+            x = torch.from_numpy(imgs)
+            latents = [t.numpy() for t in model.forward_encoder(x, plan_t)]
+            loss = float(model(x, plan_t)[0]) if has_decoders else None
+    else:
+        model.set_train(False)
+        x = mindspore.Tensor(imgs)
+        latents = [t.asnumpy() for t in model.forward_encoder(x, plan_t)]
+        loss = float(model(x, plan_t)[0].asnumpy()) if has_decoders else None
+    return latents, loss
+
+
+def _check_swin(src_state, src_layout, dst_path, dst_layout, dst_fmt, spec, image):
+    from localmim.core.masking import mask_rng, swin_cell_mask
+    from localmim.core.swin_plan import build_swin_plan
+    imgs = _check_image(image, spec)
+    plan = build_swin_plan(spec, swin_cell_mask(mask_rng(0, 0, 0, 0), spec.mask_grid, 0.75))
+    src = S.swin_to_canonical(src_state, src_layout, spec, "source")
+    dst_state, _ = read_state(dst_path)
+    dst = S.swin_to_canonical(dst_state, dst_layout or S.detect_layout(dst_state), spec, dst_path)
+    src_lat, src_loss = _swin_run("torch", src, spec, imgs, plan)
+    dst_lat, dst_loss = _swin_run("mindspore" if dst_fmt == "ckpt" else "torch", dst, spec, imgs, plan)
+    both_full = src_loss is not None and dst_loss is not None
+    pairs = list(zip(src_lat, dst_lat)) if both_full else [(src_lat[-1], dst_lat[-1])]
+    feat = max(float(np.max(np.abs(a - b))) for a, b in pairs)
+    return feat, (abs(src_loss - dst_loss) if both_full else None)
+
+
 # ----------------------------------------------------------------------------------------------
 # command line
 
@@ -357,6 +419,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="source layout (default: detected from the keys)")
     parser.add_argument("--to", dest="fmt", choices=FORMATS, default=None,
                         help="output format (default: from DST's extension); timm writes a timm ViT encoder")
+    parser.add_argument("--layout", dest="dst_layout", choices=S.LAYOUTS, default=None,
+                        help="layout to write (default: ours, or its encoder part); e.g. "
+                             "official-localmim-swin or swin-encoder for Swin")
     parser.add_argument("--model", default=None,
                         help="model spec name (default: detected from the shapes)")
     parser.add_argument("--check", nargs="?", const="", default=None, metavar="IMAGE",
@@ -366,9 +431,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _dst_layout(fmt: str, src_layout: str) -> str:
+def _dst_layout(fmt: str, src_layout: str, state=None, requested: Optional[str] = None) -> str:
+    """The layout to write: --layout when given, else timm for --to timm, else ours (the encoder
+    part only when the source has no decoders)."""
+    swin = src_layout in S.SWIN_LAYOUTS
     if fmt == "timm":
-        return "timm-vit"
+        if requested not in (None, "timm-swin" if swin else "timm-vit"):
+            raise ConvertError(f"--to timm writes the {'timm-swin' if swin else 'timm-vit'} layout, not {requested!r}")
+        return "timm-swin" if swin else "timm-vit"
+    if requested is not None:
+        if requested in ("timm-swin", "timm-vit"):
+            raise ConvertError(f"--layout {requested} needs --to timm")
+        if (requested in S.SWIN_LAYOUTS) != swin:
+            raise ConvertError(f"--layout {requested} does not fit a {'Swin' if swin else 'ViT'} source ({src_layout})")
+        return requested
+    if swin:
+        full = src_layout in ("localmim-swin", "official-localmim-swin") and any(
+            k.startswith("decoder.") for k in (state or {}))
+        return "localmim-swin" if full else "swin-encoder"
     return "localmim" if src_layout == "localmim" else "localmim-encoder"
 
 
@@ -379,9 +459,14 @@ def _convert(args) -> int:
         raise ConvertError(f"{dst}: already exists; pass --force to overwrite it")
     state, meta = read_state(src)
     layout = args.src_layout or S.detect_layout(state)
-    spec, spec_notes = S.infer_vit_spec(state, layout, what=src, name=args.model)
+    family = S.detect_family(state)
+    if (layout in S.SWIN_LAYOUTS) != (family == "swin"):
+        raise ConvertError(f"{src}: --from {layout} does not fit its keys, which are "
+                           f"{'Swin' if family == 'swin' else 'ViT'} keys")
+    infer = S.infer_swin_spec if family == "swin" else S.infer_vit_spec
+    spec, spec_notes = infer(state, layout, what=src, name=args.model)
     spec_notes = [spec_notes[0] + (" (given)" if args.model else " (detected from shapes)")]
-    out_layout = _dst_layout(fmt, layout)
+    out_layout = _dst_layout(fmt, layout, state, getattr(args, "dst_layout", None))
     out, notes = S.convert_state(state, layout, out_layout, spec, what=src)
     print(f"source {src}: layout {layout}, {len(state)} keys")
     for line in spec_notes + notes:
@@ -390,7 +475,7 @@ def _convert(args) -> int:
                 force=args.force)
     print(f"wrote {dst}: {fmt}, layout {out_layout}, {len(out)} keys, verified")
     if args.check is not None:
-        feat, loss = check_models(state, layout, dst, fmt, spec, args.check or None)
+        feat, loss = check_models(state, layout, dst, fmt, spec, args.check or None, dst_layout=out_layout)
         print(f"check: encoder features max abs diff {feat:.3e}")
         if loss is not None:
             print(f"check: loss abs diff {loss:.3e}")

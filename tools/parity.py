@@ -105,6 +105,8 @@ class TorchSide:
         import torch
         from localmim.backends.torch import build_model
         self.torch = torch
+        # Tiny models next to MindSpore's CPU thread pool: extra torch threads only contend.
+        torch.set_num_threads(1)
         torch.manual_seed(0)
         self.model = build_model(spec).float()
         self.model.import_state(state)
@@ -136,7 +138,7 @@ class TorchSide:
         self._loss(inputs).backward()
         return {n: p.grad.numpy().copy() for n, p in self.params.items()}
 
-    def make_optimizer(self, groups, lr, betas, eps):
+    def make_optimizer(self, groups, lr, betas, eps, compile=False):
         opt_groups = [{"params": [self.params[n] for n in g["params"]], "weight_decay": g["weight_decay"]}
                       for g in groups]
         self.optimizer = self.torch.optim.AdamW(opt_groups, lr=lr, betas=tuple(betas), eps=eps)
@@ -157,8 +159,8 @@ class TorchSide:
 class MindSporeSide:
     """The MindSpore model driven with numpy in, numpy out.
 
-    Forward passes run in PyNative mode. The ViT training step is compiled with ms.jit (static
-    shapes); the Swin one stays in PyNative because each plan has its own group shapes.
+    Forward passes run in PyNative mode; the training step too unless `compile` asks for ms.jit
+    (worth its ~20 s compile only for long ViT runs; Swin plans change shape every step).
     """
 
     def __init__(self, spec, state):
@@ -197,7 +199,7 @@ class MindSporeSide:
         _, grads = grad_fn(self._t(inputs.images), *self._args(inputs.model))
         return {n: g.asnumpy() for n, g in zip(names, grads)}
 
-    def make_optimizer(self, groups, lr, betas, eps):
+    def make_optimizer(self, groups, lr, betas, eps, compile=False):
         from mindspore.experimental.optim import AdamW
         opt_groups = [{"params": [self.params[n] for n in g["params"]], "weight_decay": g["weight_decay"]}
                       for g in groups]
@@ -210,7 +212,7 @@ class MindSporeSide:
             optimizer(grads)
             return loss
 
-        self._step = self.ms.jit(step) if self.spec.family == "vit" else step
+        self._step = self.ms.jit(step) if compile and self.spec.family == "vit" else step
 
     def train_step(self, inputs: Inputs, lr: float) -> float:
         # set_data would swap the tensor behind the compiled step's back; assign writes in place.
@@ -287,7 +289,7 @@ def _groups(spec, state, weight_decay=0.05):
 
 
 def compare_training(spec, state, batches: Sequence, lr=1e-3, min_lr=1e-5, warmup=1, epochs=4,
-                     steps_per_epoch=None) -> tuple:
+                     steps_per_epoch=None, compile=False) -> tuple:
     """Train both backends on the same batches.
 
     Returns (parameters row, key-bias row, worst relative loss-curve error, (torch, mindspore) losses).
@@ -296,7 +298,7 @@ def compare_training(spec, state, batches: Sequence, lr=1e-3, min_lr=1e-5, warmu
     groups = _groups(spec, state)
     steps_per_epoch = steps_per_epoch or max(1, len(batches) // epochs)
     for side in (tside, mside):
-        side.make_optimizer(groups, lr, (0.9, 0.95), 1e-8)
+        side.make_optimizer(groups, lr, (0.9, 0.95), 1e-8, compile=compile)
     curve_t, curve_m = [], []
     for step, inputs in enumerate(batches):
         step_lr = lr_for_step(step, steps_per_epoch, lr, min_lr, warmup, epochs)
@@ -327,7 +329,7 @@ def run_parity(spec, batch: int = 2, seed: int = 0, adam_steps: int = 5, curve_s
         cstate = initial_state(cspec)
         cbatches = [make_inputs(cspec, batch, seed, step) for step in range(curve_steps)]
         _, _, curve_err, _ = compare_training(cspec, cstate, cbatches, lr=5e-4, warmup=5, epochs=curve_steps,
-                                           steps_per_epoch=1)
+                                              steps_per_epoch=1, compile=True)
         rows.append(Row(f"loss curve, {curve_steps} steps ({cspec.name})", curve_err, CURVE_TOL))
     return rows
 

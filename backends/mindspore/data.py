@@ -9,9 +9,12 @@ Determinism (what makes resume and any worker count give the same numbers):
 - mask of micro-batch b of epoch e (b counted from 0 within the epoch, on every rank) on rank r:
   `core.masking.vit_mask(core.masking.mask_rng(seed, e, b, r), ...)`, as in the torch twin.
 
-Batches are dicts of numpy arrays {"images" (B,3,S,S) float32 ImageNet-normalised, "ids_keep" (B,K)
-int64, "ids_restore" (B,N) int64, "mask" (B,N) float32 (1 = masked)}; the engine turns them into
-mindspore Tensors.
+ViT batches are dicts of numpy arrays {"images" (B,3,S,S) float32 ImageNet-normalised, "ids_keep"
+(B,K) int64, "ids_restore" (B,N) int64, "mask" (B,N) float32 (1 = masked)}. Swin batches are
+{"images", "plan": core.swin_plan.build_swin_plan(spec, swin_cell_mask(mask_rng(seed, e, b, r), ...),
+pad_groups_to, group_size).to_arrays()} (one cell mask per batch and rank, spec §2.2; the padding
+arguments are None except for compiled MindSpore training, see `static_plan_bounds`). The engine
+turns them into mindspore Tensors.
 
 Two loaders produce identical batches: `PretrainLoader` (a plain Python iterator, optionally with
 a thread pool that decodes the samples of a batch in parallel) and the same source wrapped in
@@ -33,11 +36,13 @@ import numpy as np
 from PIL import Image
 
 from localmim.core import masking
+from localmim.core.swin_plan import build_swin_plan
 
 __all__ = [
     "IMG_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "BATCH_COLUMNS", "find_images", "load_rgb",
     "random_resized_crop_params", "PretrainTransform", "PretrainDataset", "ShardedBatchSampler",
-    "MaskCollate", "PretrainLoader", "build_pretrain_dataset", "build_pretrain_loader",
+    "MaskCollate", "SwinPlanCollate", "static_plan_bounds", "PretrainLoader", "build_pretrain_dataset",
+    "build_pretrain_loader",
 ]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -277,15 +282,111 @@ class MaskCollate:
             "mask": np.asarray(m.mask, dtype=np.float32),
         }
 
+    columns = BATCH_COLUMNS
+
+    def flatten(self, batch: Dict[str, np.ndarray]) -> tuple:
+        """Batch dict -> tuple of arrays in `columns` order (a GeneratorDataset row)."""
+        return tuple(batch[c] for c in BATCH_COLUMNS)
+
+    def unflatten(self, row: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """GeneratorDataset row (dict by column) -> batch dict."""
+        return {c: row[c] for c in BATCH_COLUMNS}
+
+
+def _windows_per_side(resolution: int, window: int, shift: int) -> int:
+    """Windows per side of one window configuration (core.swin_plan.window_ids' offset grid)."""
+    offset = (window - shift) % window
+    return (resolution - 1 + offset) // window + 1
+
+
+def static_plan_bounds(spec, mask_ratio: float) -> Tuple[List[Optional[int]], List[Optional[int]]]:
+    """(pad_groups_to, group_size) per stage that make every Swin plan of `spec` at `mask_ratio`
+    the same shape, for compiled (ms.jit) training. None for stages in masking mode.
+
+    The visible token count of stage i is fixed (the ratio fixes the number of visible cells,
+    each holding (res_i / mask_grid)^2 tokens), so only the grouping of grouping-mode stages
+    (N_vis > 2 w^2) varies. group_size = w*w: no window holds more. pad_groups_to = the largest
+    number of groups any mask can need, bounded three ways (per window configuration, the
+    largest over the stage's configurations):
+    - every group holds at least one non-empty window, and the windows a visible cell of c x c
+      tokens can touch are at most ((c - 1) // w + 2)^2, so G <= visible_cells * that, and G is
+      at most the windows of the configuration;
+    - core.swin_plan.pack_windows takes, each round, a subset of the remaining windows with the
+      largest total <= w*w. Two groups chosen in that order cannot sum to <= w*w (the later one's
+      windows were available to the earlier round, whose union would have been a larger feasible
+      subset), so any two groups hold >= w*w + 1 tokens; pairing them, G <= 2 * (N_vis // (w*w + 1)) + 1.
+    """
+    m = spec.mask_grid
+    visible_cells = m * m - masking.num_masked_cells(m * m, mask_ratio)
+    if visible_cells < 1:
+        raise ValueError(f"mask.ratio {mask_ratio} leaves no visible cell of the {m}x{m} mask grid of {spec.name}")
+    pads: List[Optional[int]] = []
+    sizes: List[Optional[int]] = []
+    for i in range(spec.num_stages):
+        res, w, shift = spec.stage_resolution(i), spec.stage_window(i), spec.stage_shift(i)
+        cell = res // m
+        n_vis = visible_cells * cell * cell
+        if n_vis <= 2 * w * w:      # masking mode: one group of the whole (fixed-length) sequence
+            pads.append(None)
+            sizes.append(None)
+            continue
+        per_cell = ((cell - 1) // w + 2) ** 2
+        pair_bound = 2 * (n_vis // (w * w + 1)) + 1
+        bound = 0
+        for s in ((0, shift) if shift > 0 else (0,)):
+            windows = _windows_per_side(res, w, s) ** 2
+            bound = max(bound, min(n_vis, windows, visible_cells * per_cell, pair_bound))
+        pads.append(bound)
+        sizes.append(w * w)
+    return pads, sizes
+
+
+class SwinPlanCollate:
+    """Stack images and attach the Swin grouping plan of the batch's cell mask.
+
+    The mask of (seed, epoch, batch index within the epoch, rank) is one cell mask for the whole
+    per-rank batch (as in the torch twin); the plan is built here, off the training step, and
+    travels as a dict of numpy arrays under "plan". pad_groups_to / group_size: passed to
+    build_swin_plan (None: the natural, variable shapes; see static_plan_bounds).
+    """
+
+    def __init__(self, seed: int, rank: int, spec, mask_ratio: float, pad_groups_to=None, group_size=None):
+        self.seed, self.rank = int(seed), int(rank)
+        self.spec, self.mask_ratio = spec, float(mask_ratio)
+        self.pad_groups_to, self.group_size = pad_groups_to, group_size
+        # the plan's keys depend on the spec only; build one plan to list them
+        probe = masking.swin_cell_mask(np.random.default_rng(0), spec.mask_grid, self.mask_ratio)
+        self.plan_keys = tuple(sorted(build_swin_plan(spec, probe).to_arrays()))
+        self.columns = ("images",) + tuple("plan:" + k for k in self.plan_keys)
+
+    def cell_mask(self, epoch: int, batch_index: int) -> np.ndarray:
+        """(mask_grid**2,) bool cell mask of micro-batch `batch_index` of `epoch` on this rank."""
+        rng = masking.mask_rng(self.seed, epoch, batch_index, self.rank)
+        return masking.swin_cell_mask(rng, self.spec.mask_grid, self.mask_ratio)
+
+    def __call__(self, items) -> Dict:
+        images = np.stack([it[0] for it in items]).astype(np.float32, copy=False)
+        epoch, batch_index = items[0][1], items[0][2]
+        plan = build_swin_plan(self.spec, self.cell_mask(epoch, batch_index),
+                               pad_groups_to=self.pad_groups_to, group_size=self.group_size)
+        arrays = {k: np.ascontiguousarray(v) for k, v in plan.to_arrays().items()}
+        return {"images": images, "plan": arrays}
+
+    def flatten(self, batch: Dict) -> tuple:
+        return (batch["images"],) + tuple(batch["plan"][k] for k in self.plan_keys)
+
+    def unflatten(self, row: Dict[str, np.ndarray]) -> Dict:
+        return {"images": row["images"], "plan": {k: row["plan:" + k] for k in self.plan_keys}}
+
 
 class _BatchSource:
-    """Random-access list of the current epoch's batches, as tuples in BATCH_COLUMNS order.
+    """Random-access list of the current epoch's batches, as tuples in `collate.columns` order.
 
     This is the `source` of mindspore.dataset.GeneratorDataset; it is also what the plain loader
     runs. `pool`: optional thread pool that decodes the samples of one batch in parallel.
     """
 
-    def __init__(self, dataset: PretrainDataset, keys: List[List[Tuple[int, int, int]]], collate: MaskCollate,
+    def __init__(self, dataset: PretrainDataset, keys: List[List[Tuple[int, int, int]]], collate,
                  pool: Optional[ThreadPoolExecutor] = None):
         self.dataset, self.keys, self.collate, self.pool = dataset, keys, collate, pool
 
@@ -298,8 +399,7 @@ class _BatchSource:
         return self.collate(items)
 
     def __getitem__(self, i: int):
-        b = self.batch(i)
-        return tuple(b[c] for c in BATCH_COLUMNS)
+        return self.collate.flatten(self.batch(i))
 
 
 class PretrainLoader:
@@ -311,7 +411,7 @@ class PretrainLoader:
     num_parallel_workers = max(1, num_workers) (shuffle off: the order is ours).
     """
 
-    def __init__(self, dataset: PretrainDataset, sampler: ShardedBatchSampler, collate: MaskCollate,
+    def __init__(self, dataset: PretrainDataset, sampler: ShardedBatchSampler, collate,
                  num_workers: int = 0, backend: str = "python"):
         if backend not in ("python", "generator"):
             raise ValueError(f"data loader backend {backend!r} must be 'python' or 'generator'")
@@ -353,10 +453,10 @@ class PretrainLoader:
         if len(source) == 0:
             return
         import mindspore.dataset as ds
-        gen = ds.GeneratorDataset(source, column_names=list(BATCH_COLUMNS), shuffle=False,
+        gen = ds.GeneratorDataset(source, column_names=list(self.collate.columns), shuffle=False,
                                   num_parallel_workers=max(1, self.num_workers), python_multiprocessing=False)
         for row in gen.create_dict_iterator(num_epochs=1, output_numpy=True):
-            yield {c: row[c] for c in BATCH_COLUMNS}
+            yield self.collate.unflatten(row)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -373,18 +473,21 @@ def build_pretrain_dataset(cfg, spec) -> PretrainDataset:
 
 
 def build_pretrain_loader(cfg, spec, rank: int = 0, world: int = 1, dataset: Optional[PretrainDataset] = None,
-                          backend: str = "python"):
+                          backend: str = "python", static_plans: bool = False):
     """Loader of mask-carrying numpy batches for one rank. Returns (loader, batch_sampler).
 
     Drive it with `batch_sampler.set_epoch(epoch, start_batch, num_batches)` then `iter(loader)`.
     The default backend is the plain iterator (as fast as GeneratorDataset on 2 CPU cores at
-    224 px, without its per-epoch start-up cost; see the module docstring).
+    224 px, without its per-epoch start-up cost; see the module docstring). ViT specs get
+    MaskCollate batches, Swin specs SwinPlanCollate batches; static_plans (Swin only) pads every
+    plan to the shapes of `static_plan_bounds` (what compiled training needs).
     """
-    if getattr(spec, "family", "vit") != "vit":
-        raise ValueError(f"model {spec.name}: the MindSpore pretraining loader builds ViT masks only; "
-                         f"Swin grouping plans are not wired into the loader yet")
     dataset = dataset if dataset is not None else build_pretrain_dataset(cfg, spec)
     sampler = ShardedBatchSampler(len(dataset), cfg.data.batch_size, seed=cfg.train.seed, rank=rank, world=world)
-    collate = MaskCollate(cfg.train.seed, rank, spec.num_patches, cfg.mask.ratio)
+    if getattr(spec, "family", "vit") == "swin":
+        pads, sizes = static_plan_bounds(spec, cfg.mask.ratio) if static_plans else (None, None)
+        collate = SwinPlanCollate(cfg.train.seed, rank, spec, cfg.mask.ratio, pad_groups_to=pads, group_size=sizes)
+    else:
+        collate = MaskCollate(cfg.train.seed, rank, spec.num_patches, cfg.mask.ratio)
     loader = PretrainLoader(dataset, sampler, collate, num_workers=int(cfg.data.num_workers), backend=backend)
     return loader, sampler

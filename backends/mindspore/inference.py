@@ -8,14 +8,16 @@ import numpy as np
 import mindspore as ms
 
 from localmim.backends.mindspore import checkpoint as ckpt
+from localmim.backends.mindspore.swin import build_swin, plan_tensors
 from localmim.backends.mindspore.vit import build_model
 from localmim.core import config as core_config
+from localmim.core.swin_plan import SwinPlan, build_swin_plan
 
 __all__ = ["load_model", "reconstruct"]
 
 
 def load_model(checkpoint_path: str) -> Tuple[object, object]:
-    """(model, spec) from a MindSpore training checkpoint of this package.
+    """(model, spec) from a MindSpore training checkpoint of this package (ViT or Swin).
 
     The spec is rebuilt from the checkpoint's config (meta.config) through core.config; the
     weights are loaded strictly (a mismatch raises CheckpointError naming the keys).
@@ -26,16 +28,32 @@ def load_model(checkpoint_path: str) -> Tuple[object, object]:
     except core_config.ConfigError as e:
         raise ckpt.CheckpointError(str(e)) from None
     spec = cfg.build_spec()
-    model = build_model(spec)
+    model = build_swin(spec) if spec.family == "swin" else build_model(spec)
     ckpt.check_model_state(checkpoint_path, payload["model"], model.state_shapes())
     model.import_state(payload["model"])
+    model.set_train(False)
     return model, spec
+
+
+def _swin_plan(spec, mask):
+    """A SwinPlan, a to_arrays() dict, or an (L,) cell mask -> plan Tensors."""
+    if isinstance(mask, (SwinPlan, dict)):
+        return plan_tensors(mask)
+    cell_mask = np.asarray(mask)
+    if cell_mask.dtype != np.bool_:
+        if cell_mask.size and not np.isin(cell_mask, (0, 1)).all():
+            raise ValueError(f"Swin cell mask for {spec.name} must be boolean or 0/1, got values "
+                             f"{np.unique(cell_mask)[:5]}")
+        cell_mask = cell_mask.astype(bool)
+    return plan_tensors(build_swin_plan(spec, cell_mask))
 
 
 def reconstruct(model, images: np.ndarray, mask) -> Dict[str, List[np.ndarray]]:
     """Per-branch predictions, targets and masks for one batch.
 
-    images: (B, 3, S, S) float32, ImageNet-normalised. mask: core.masking.VitMask for that batch.
+    images: (B, 3, S, S) float32, ImageNet-normalised. mask: ViT: core.masking.VitMask for that batch;
+    Swin: a core.swin_plan.SwinPlan (or its to_arrays() dict) or the (L,) bool cell mask of
+    core.masking.swin_cell_mask.
     Returns {"targets": [(B, L_k, out_k)], "preds": [(B, L_k, out_k)], "masks": [(B, L_k)]} as float32
     numpy arrays, k over branches (finest scale first), tokens in raster order of each branch's grid.
     """
@@ -45,12 +63,17 @@ def reconstruct(model, images: np.ndarray, mask) -> Dict[str, List[np.ndarray]]:
         raise ValueError(f"images of shape {images.shape} do not fit model {spec.name}: expected "
                          f"(B, 3, {spec.img_size}, {spec.img_size})")
     imgs = ms.Tensor(images)
-    ids_keep = ms.Tensor(np.asarray(mask.ids_keep, dtype=np.int64))
-    ids_restore = ms.Tensor(np.asarray(mask.ids_restore, dtype=np.int64))
-    patch_mask = ms.Tensor(np.asarray(mask.mask, dtype=np.float32))
-    preds = model.forward_decoders(model.forward_encoder(imgs, ids_keep), ids_restore)
+    if getattr(spec, "family", "vit") == "swin":
+        plan = _swin_plan(spec, mask)
+        preds = model.forward_decoders(model.forward_encoder(imgs, plan), plan)
+        masks = model.branch_masks(plan, images.shape[0])
+    else:
+        ids_keep = ms.Tensor(np.asarray(mask.ids_keep, dtype=np.int64))
+        ids_restore = ms.Tensor(np.asarray(mask.ids_restore, dtype=np.int64))
+        patch_mask = ms.Tensor(np.asarray(mask.mask, dtype=np.float32))
+        preds = model.forward_decoders(model.forward_encoder(imgs, ids_keep), ids_restore)
+        masks = model.scale_masks(patch_mask)
     targets = model.forward_targets(imgs)
-    masks = model.scale_masks(patch_mask)
 
     def to_np(ts):
         return [t.asnumpy().astype(np.float32) for t in ts]

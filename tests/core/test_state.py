@@ -267,3 +267,199 @@ def test_absent_hog_kernels_are_refilled_but_absent_bias_is_an_error():
     state = {k: v for k, v in rand_state(S.vit_canonical_shapes(biased)).items() if not k.endswith("conv.bias")}
     with pytest.raises(S.StateError, match=r"4 missing key\(s\): hog_enc.0.conv.bias"):
         S.convert_state(state, "localmim", "localmim", biased)
+
+
+# ---------------------------------------------------------------- Swin
+
+from localmim.core.specs import SWIN_SPECS  # noqa: E402
+from localmim.core.state import StateError  # noqa: E402
+
+SWIN = get_spec("swin_tiny_test")  # C 16, depths (2,2,2,2), heads (1,2,2,4), window 4, patch 2, img 64
+
+
+def swin_state(spec=SWIN, seed=0):
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in S.swin_canonical_shapes(spec).items()}
+
+
+def test_swin_canonical_shapes_match_torch_and_mindspore_models():
+    pytest.importorskip("torch")
+    from localmim.backends.torch import build_model as build_torch
+    expected = S.swin_canonical_shapes(SWIN)
+    torch_shapes = {k: tuple(v.shape) for k, v in build_torch(SWIN).state_dict().items()}
+    assert torch_shapes == expected
+    assert not any("relative_position_index" in k for k in expected)
+    pytest.importorskip("mindspore")
+    from localmim.backends.mindspore import build_model as build_ms
+    assert build_ms(SWIN).state_shapes() == expected
+
+
+def test_swin_canonical_shapes_hand_values_for_swin_base():
+    spec = SWIN_SPECS["swin_large_patch4_win14"]  # C 192, stages 56/28/14/7: window 14, 14, 14, 7
+    shapes = S.swin_canonical_shapes(spec)
+    assert shapes["encoder.layers.0.blocks.1.attn.relative_position_bias_table"] == (27 * 27, 6)
+    assert shapes["encoder.layers.2.blocks.17.attn.relative_position_bias_table"] == (27 * 27, 24)
+    assert shapes["encoder.layers.3.blocks.1.attn.relative_position_bias_table"] == (13 * 13, 48)
+    assert shapes["encoder.layers.1.downsample.reduction.weight"] == (768, 1536)
+    assert shapes["encoder.layers.2.downsample.norm.weight"] == (3072,)
+    assert "encoder.layers.3.downsample.norm.weight" not in shapes
+    assert [shapes[f"encoder.norm.{k}.weight"] for k in range(4)] == [(384,), (768,), (1536,), (1536,)]
+    assert [shapes[f"decoder.{k}.pos_embed"] for k in range(4)] == [(1, 784, 64), (1, 196, 128), (1, 49, 128),
+                                                                     (1, 49, 128)]
+    assert shapes["decoder.0.pred.weight"] == (54, 64) and shapes["hog_enc.3.conv.bias"] == (2,)
+    enc = S.swin_canonical_shapes(spec, include_decoder=False, include_targets=False)
+    assert all(k.startswith("encoder.") for k in enc)
+
+
+def test_merge_permutation_hand_example():
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3], np.float32)  # official blocks TL, TR, BL, BR = 0, 1, 2, 3
+    weight = np.tile(labels, (3, 1))  # a (2C', 4C) reduction weight whose columns carry their block
+    ours = S.merge_official_to_ours(weight)
+    assert ours.tolist() == [[0, 0, 2, 2, 1, 1, 3, 3]] * 3  # TL, BL, TR, BR
+    assert np.array_equal(S.merge_ours_to_official(ours), weight)
+    assert S.merge_official_to_ours(labels).tolist() == [0, 0, 2, 2, 1, 1, 3, 3]
+    assert S.is_merge_key("encoder.layers.0.downsample.reduction.weight")
+    assert S.is_merge_key("layers.2.downsample.norm.bias") and not S.is_merge_key("encoder.norm.0.weight")
+    with pytest.raises(StateError, match="4 blocks"):
+        S.merge_official_to_ours(np.zeros(6, np.float32))
+
+
+def _layer_norm(x, w, b, eps):
+    mu = x.mean(-1, keepdims=True)
+    var = x.var(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+def test_merge_permutation_against_dense_official_and_timm_merging():
+    """Official merging (TL,TR,BL,BR with official weights) == ours (TL,BL,TR,BR with permuted ones),
+    computed densely on a full 2x2-neighbourhood map; timm's PatchMerging agrees with ours."""
+    rng = np.random.default_rng(3)
+    c, h = 3, 4
+    x = rng.standard_normal((2, h, h, c))
+    w_off = rng.standard_normal((2 * c, 4 * c))
+    g_off, b_off = rng.standard_normal(4 * c), rng.standard_normal(4 * c)
+    tl, tr, bl, br = x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
+    official = _layer_norm(np.concatenate([tl, tr, bl, br], -1), g_off, b_off, 1e-5) @ w_off.T
+    w, g, b = (S.merge_official_to_ours(a) for a in (w_off, g_off, b_off))
+    ours = _layer_norm(np.concatenate([tl, bl, tr, br], -1), g, b, 1e-5) @ w.T
+    np.testing.assert_allclose(ours, official, rtol=1e-10, atol=1e-10)
+    wrong = _layer_norm(np.concatenate([tl, bl, tr, br], -1), g_off, b_off, 1e-5) @ w_off.T
+    assert np.abs(wrong - official).max() > 1e-2
+    torch = pytest.importorskip("torch")
+    from timm.models.swin_transformer import PatchMerging
+    merge = PatchMerging(c).double()
+    merge.load_state_dict({"reduction.weight": torch.from_numpy(w), "norm.weight": torch.from_numpy(g),
+                           "norm.bias": torch.from_numpy(b)})
+    with torch.no_grad():
+        np.testing.assert_allclose(merge(torch.from_numpy(x)).numpy(), official, rtol=1e-9, atol=1e-9)
+
+
+def test_relative_position_index_hand_values_and_timm():
+    idx = S.swin_relative_position_index(2)
+    assert idx.dtype == np.int64
+    assert idx.tolist() == [[4, 3, 1, 0], [5, 4, 2, 1], [7, 6, 4, 3], [8, 7, 5, 4]]
+    pytest.importorskip("timm")
+    from timm.models.swin_transformer import get_relative_position_index
+    for w in (3, 7):
+        assert np.array_equal(S.swin_relative_position_index(w), get_relative_position_index(w, w).numpy())
+
+
+def test_swin_official_layout_round_trip_and_detection():
+    ours = swin_state()
+    official = S.to_official_swin(ours, SWIN)
+    rel = sorted(k for k in official if k.endswith("relative_position_index"))
+    assert len(rel) == sum(SWIN.depths) and official[rel[0]].shape == (16, 16)
+    assert S.detect_family(official) == "swin" and S.detect_family(tiny_state_keys()) == "vit"
+    assert S.detect_layout(official) == "official-localmim-swin"
+    assert S.detect_layout(ours) == "localmim-swin"
+    key = "encoder.layers.1.downsample.reduction.weight"
+    assert np.array_equal(official[key], S.merge_ours_to_official(ours[key]))
+    assert np.array_equal(official["encoder.layers.0.blocks.0.attn.qkv.weight"],
+                          ours["encoder.layers.0.blocks.0.attn.qkv.weight"])
+    back, notes = S.convert_state(official, "official-localmim-swin", "localmim-swin", SWIN)
+    assert set(back) == set(ours) and all(np.array_equal(back[k], ours[k]) for k in ours)
+    assert any("permuted 9 merge" in n for n in notes)
+    again, _ = S.convert_state(ours, "localmim-swin", "official-localmim-swin", SWIN)
+    assert set(again) == set(official) and all(np.array_equal(again[k], official[k]) for k in official)
+
+
+def tiny_state_keys():
+    return S.vit_canonical_shapes(get_spec("vit_tiny_test"))
+
+
+def test_swin_official_bad_index_and_stray_index_name_keys():
+    official = S.to_official_swin(swin_state(), SWIN)
+    key = "encoder.layers.2.blocks.1.attn.relative_position_index"
+    official[key] = official[key][:4, :4]
+    with pytest.raises(StateError, match=key.replace(".", r"\.")):
+        S.convert_swin_state(official, "official-localmim-swin", "localmim-swin", SWIN)
+    with pytest.raises(StateError, match="official-localmim-swin"):
+        S.convert_swin_state(S.to_official_swin(swin_state(), SWIN), "localmim-swin", "localmim-swin", SWIN)
+
+
+def test_swin_missing_and_misshaped_keys_are_named():
+    state = swin_state()
+    del state["decoder.2.norm.bias"]
+    state["encoder.layers.1.downsample.norm.weight"] = np.zeros(5, np.float32)
+    with pytest.raises(StateError) as err:
+        S.convert_swin_state(state, "localmim-swin", "localmim-swin", SWIN)
+    text = str(err.value)
+    assert "encoder.layers.1.downsample.norm.weight expected (128,) found (5,)" in text
+    state["encoder.layers.1.downsample.norm.weight"] = np.zeros(128, np.float32)
+    with pytest.raises(StateError, match=r"1 missing key\(s\): decoder\.2\.norm\.bias"):
+        S.convert_swin_state(state, "localmim-swin", "localmim-swin", SWIN)
+
+
+def test_swin_encoder_and_timm_exports_and_back():
+    ours = swin_state()
+    enc, notes = S.convert_swin_state(ours, "localmim-swin", "swin-encoder", SWIN)
+    assert S.detect_layout(enc) == "swin-encoder"
+    assert np.array_equal(enc["norm.weight"], ours["encoder.norm.3.weight"])
+    assert np.array_equal(enc["layers.0.downsample.reduction.weight"],
+                          ours["encoder.layers.0.downsample.reduction.weight"])  # already Swin order
+    assert not any(k.startswith(("decoder", "hog_enc", "norm.0", "encoder.")) for k in enc)
+    timm_state, _ = S.convert_swin_state(ours, "localmim-swin", "timm-swin", SWIN)
+    assert S.detect_layout(timm_state) == "timm-swin"
+    assert np.array_equal(timm_state["layers.1.downsample.norm.bias"], ours["encoder.layers.0.downsample.norm.bias"])
+    assert "layers.0.downsample.norm.bias" not in timm_state
+    for layout, state in (("swin-encoder", enc), ("timm-swin", timm_state)):
+        canon = S.swin_to_canonical(state, layout, SWIN)
+        assert set(canon) == {k for k in S.swin_encoder_shapes(SWIN) if not k.startswith("encoder.norm.")} | {
+            "encoder.norm.3.weight", "encoder.norm.3.bias"}
+        assert all(np.array_equal(canon[k], ours[k]) for k in canon)
+        with pytest.raises(StateError, match="missing"):
+            S.convert_swin_state(state, layout, "localmim-swin", SWIN)
+
+
+def test_infer_swin_spec_from_shapes_with_overrides():
+    hog = TargetSpec(kind="hog", nbins=18, hog_bias=True)
+    for name in SWIN_SPECS:
+        spec = get_spec(name, target=hog)
+        fake = {k: np.zeros(s, np.float32) for k, s in S.swin_canonical_shapes(spec).items()}
+        found, _ = S.infer_swin_spec(fake)
+        assert found == spec
+    spec = SWIN.with_(img_size=96, decoder_dims=(16, 16, 16, 32), target=TargetSpec(kind="hog", nbins=9))
+    official = S.to_official_swin({k: np.zeros(s, np.float32) for k, s in S.swin_canonical_shapes(spec).items()},
+                                  spec)
+    found, notes = S.infer_swin_spec(official, "official-localmim-swin")
+    assert found == spec and "img_size=96" in notes[0] and "decoder_dims=(16, 16, 16, 32)" in notes[0]
+    enc, _ = S.convert_swin_state(swin_state(), "localmim-swin", "timm-swin", SWIN)
+    assert S.infer_swin_spec(enc, "timm-swin")[0] == SWIN
+
+
+def test_infer_swin_spec_names_shapes_when_nothing_fits():
+    state = swin_state(SWIN.with_(num_heads=(1, 2, 4, 4)))
+    with pytest.raises(StateError, match=r"heads \(1, 2, 4, 4\)"):
+        S.infer_swin_spec(state)
+    with pytest.raises(StateError, match="unknown Swin model 'nope'"):
+        S.infer_swin_spec(swin_state(), name="nope")
+    with pytest.raises(StateError, match="no 'encoder.patch_embed.proj.weight'"):
+        S.infer_swin_spec({"encoder.layers.0.blocks.0.norm1.weight": np.zeros(3)})
+
+
+def test_detect_layout_swin_unknown_keys_are_named():
+    state = swin_state()
+    state["encoder.layers.0.blocks.0.attn.extra"] = np.zeros(1)
+    state["foo.bar"] = np.zeros(1)
+    with pytest.raises(StateError, match="foo.bar"):
+        S.detect_layout(state)

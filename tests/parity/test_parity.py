@@ -52,7 +52,7 @@ def test_demo_model_loss_curves_agree_for_50_steps():
     state = parity.initial_state(spec)
     batches = [parity.make_inputs(spec, 2, 7, step) for step in range(50)]
     _, _, curve_err, (curve_t, curve_m) = parity.compare_training(
-        spec, state, batches, lr=5e-4, warmup=5, epochs=50, steps_per_epoch=1)
+        spec, state, batches, lr=5e-4, warmup=5, epochs=50, steps_per_epoch=1, compile=True)
     assert curve_err <= parity.CURVE_TOL, (curve_t, curve_m)
     # The curve is a real training run: the loss moves.
     assert abs(curve_t[-1] - curve_t[0]) > 1e-3

@@ -350,3 +350,151 @@ def test_truncated_and_unknown_files_give_one_sentence(tmp_path, capsys):
     (tmp_path / "w.npz").write_bytes(b"x")
     assert "unknown file type '.npz'" in _fails(capsys, tmp_path / "w.npz", tmp_path / "o.pth")
     assert "no such file" in _fails(capsys, tmp_path / "nope.pth", tmp_path / "o.pth")
+
+
+# ---------------------------------------------------------------- Swin
+
+SWIN = get_spec("swin_tiny_test")  # C 16, depths (2,2,2,2), heads (1,2,2,4), window 4, patch 2, img 64
+
+
+@pytest.fixture(scope="module")
+def swin_model():
+    from localmim.backends.torch import build_model
+    torch.manual_seed(0)
+    model = build_model(SWIN).eval()
+    with torch.no_grad():  # non-trivial merge norms so that a wrong channel order shows
+        for s in range(3):
+            norm = model.encoder.layers[s].downsample.norm
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0.0, 0.2)
+    return model
+
+
+def swin_plan_tensors(cell_mask=None):
+    from localmim.backends.torch.swin import plan_tensors
+    from localmim.core.masking import mask_rng, swin_cell_mask
+    from localmim.core.swin_plan import build_swin_plan
+    if cell_mask is None:
+        cell_mask = swin_cell_mask(mask_rng(0, 0, 0, 0), SWIN.mask_grid, 0.75)
+    return plan_tensors(build_swin_plan(SWIN, cell_mask))
+
+
+def swin_loss(state):
+    from localmim.backends.torch import build_model
+    model = build_model(SWIN).eval()
+    model.import_state(state)
+    imgs = torch.from_numpy(C._check_image(None, SWIN))
+    with torch.no_grad():
+        return float(model(imgs, swin_plan_tensors())[0])
+
+
+def save_official_swin(path, state):
+    """The official LocalMIM Swin file: merges TL,TR,BL,BR, relative_position_index, args Namespace."""
+    official = S.to_official_swin(state, SWIN)
+    return save_pth(path, official, args=argparse.Namespace(model="mim_swin_tiny", norm_pix_loss=True), epoch=99)
+
+
+def test_swin_pth_ckpt_safetensors_round_trips_are_bit_identical(tmp_path, swin_model):
+    state = swin_model.export_state()
+    src = save_pth(tmp_path / "swin.pth", state)
+    for mid in ("a.ckpt", "b.safetensors"):
+        assert convert(src, tmp_path / mid) == 0
+        assert convert(tmp_path / mid, tmp_path / (mid + ".pth")) == 0
+        back, _ = C.read_state(str(tmp_path / (mid + ".pth")))
+        assert_bit_identical(back, state)
+    ms_state, _ = C.read_state(str(tmp_path / "a.ckpt"))
+    assert_bit_identical(ms_state, state)
+
+
+def test_official_swin_converts_to_exactly_our_state_and_same_loss(tmp_path, capsys, swin_model):
+    state = swin_model.export_state()
+    src = save_official_swin(tmp_path / "official.pth", state)
+    assert convert(src, tmp_path / "ours.pth") == 0
+    out = capsys.readouterr().out
+    assert "layout official-localmim-swin" in out and "model swin_tiny_test" in out and "permuted 9" in out
+    back, _ = C.read_state(str(tmp_path / "ours.pth"))
+    assert_bit_identical(back, state)
+    assert swin_loss(back) == swin_loss(state)
+    # without the merge permutation the official weights give another loss
+    naive = {k: v for k, v in C.read_state(src)[0].items() if not k.endswith("relative_position_index")}
+    assert abs(swin_loss(naive) - swin_loss(state)) > 1e-4
+
+
+def test_writing_the_official_swin_layout_and_reading_it_back(tmp_path, capsys, swin_model):
+    state = swin_model.export_state()
+    src = save_pth(tmp_path / "ours.pth", state)
+    assert convert(src, tmp_path / "off.pth", "--layout", "official-localmim-swin", "--check") == 0
+    out = capsys.readouterr().out
+    assert "features max abs diff 0.000e+00" in out and "loss abs diff 0.000e+00" in out
+    written, _ = C.read_state(str(tmp_path / "off.pth"))
+    expected = S.to_official_swin(state, SWIN)
+    assert_bit_identical(written, expected)
+    assert written["encoder.layers.3.blocks.1.attn.relative_position_index"].dtype == np.int64
+    assert convert(tmp_path / "off.pth", tmp_path / "ours.ckpt", "--check") == 0
+    out = capsys.readouterr().out
+    assert "layout official-localmim-swin" in out
+    feat = float(out.split("features max abs diff ")[1].split()[0])
+    assert feat < 1e-4  # torch source against the MindSpore model reading the .ckpt
+    assert_bit_identical(C.read_state(str(tmp_path / "ours.ckpt"))[0], state)
+
+
+def test_from_flag_marks_an_official_swin_without_index_buffers(tmp_path, capsys, swin_model):
+    state = swin_model.export_state()
+    official = {k: v for k, v in S.to_official_swin(state, SWIN).items() if not k.endswith("relative_position_index")}
+    src = save_pth(tmp_path / "stripped.pth", official)
+    assert convert(src, tmp_path / "a.pth", "--from", "official-localmim-swin") == 0
+    assert_bit_identical(C.read_state(str(tmp_path / "a.pth"))[0], state)
+    assert convert(src, tmp_path / "b.pth") == 0  # detected as ours: names alone cannot tell
+    assert "layout localmim-swin" in capsys.readouterr().out
+    assert convert(src, tmp_path / "c.pth", "--from", "localmim") == 2
+    assert "does not fit its keys" in capsys.readouterr().err
+
+
+def test_swin_timm_export_loads_strict_and_matches_our_encoder(tmp_path, swin_model):
+    import functools
+    import timm
+    src = save_pth(tmp_path / "ours.pth", swin_model.export_state())
+    assert convert(src, tmp_path / "timm.safetensors", "--to", "timm") == 0
+    state, _ = C.read_state(str(tmp_path / "timm.safetensors"))
+    kw = S.timm_swin_kwargs(SWIN)
+    model = timm.create_model(kw.pop("model_name"), norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
+                              **kw).eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    imgs = torch.from_numpy(C._check_image(None, SWIN))
+    visible = np.zeros(SWIN.mask_grid ** 2, bool)  # all cells visible: plain windowed Swin
+    with torch.no_grad():
+        ref = model.forward_features(imgs).reshape(1, -1, 8 * SWIN.embed_dim)
+        ours = swin_model.forward_encoder(imgs, swin_plan_tensors(visible))[-1]  # last stage: raster order
+    np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_swin_encoder_export_and_check(tmp_path, capsys, swin_model):
+    src = save_pth(tmp_path / "ours.pth", swin_model.export_state())
+    assert convert(src, tmp_path / "enc.pth", "--layout", "swin-encoder", "--check") == 0
+    out = capsys.readouterr().out
+    assert "layout swin-encoder" in out and "features max abs diff 0.000e+00" in out and "loss" not in out.split("verified")[1]
+    enc, _ = C.read_state(str(tmp_path / "enc.pth"))
+    assert "norm.weight" in enc and not any(k.startswith(("encoder.", "decoder.")) for k in enc)
+    assert convert(tmp_path / "enc.pth", tmp_path / "full.pth", "--layout", "localmim-swin") == 2
+    assert "missing key(s): decoder.0." in capsys.readouterr().err
+    assert convert(tmp_path / "enc.pth", tmp_path / "enc2.safetensors") == 0
+    assert_bit_identical(C.read_state(str(tmp_path / "enc2.safetensors"))[0], enc)
+    assert convert(src, tmp_path / "x.pth", "--layout", "timm-swin") == 2
+    assert "--layout timm-swin needs --to timm" in capsys.readouterr().err
+
+
+def test_swin_mismatched_keys_are_named(tmp_path, capsys, swin_model):
+    state = swin_model.export_state()
+    bad = dict(state)
+    del bad["decoder.1.pred.bias"]
+    bad["encoder.layers.0.downsample.reduction.weight"] = np.zeros((32, 32), np.float32)
+    assert convert(save_pth(tmp_path / "bad.pth", bad), tmp_path / "o.pth") == 2
+    err = capsys.readouterr().err
+    assert "encoder.layers.0.downsample.reduction.weight expected (32, 64) found (32, 32)" in err
+    assert "decoder.1.pred.bias" in err and not os.path.exists(tmp_path / "o.pth")
+    official = S.to_official_swin(state, SWIN)
+    official["encoder.layers.1.blocks.0.attn.relative_position_index"] = np.zeros((16, 16), np.int64)
+    assert convert(save_pth(tmp_path / "off.pth", official), tmp_path / "o.pth") == 2
+    assert "encoder.layers.1.blocks.0.attn.relative_position_index" in capsys.readouterr().err
+    assert convert(save_pth(tmp_path / "s.pth", state), tmp_path / "o.pth", "--model", "swin_demo") == 2
+    assert "fits no registered Swin model" in capsys.readouterr().err

@@ -6,8 +6,6 @@ import torch
 from localmim.core import masking
 from localmim.core.specs import TargetSpec, get_spec
 
-torch.set_num_threads(2)
-
 
 @pytest.fixture
 def tiny_spec():

@@ -1,0 +1,49 @@
+"""One msrun worker for tests/mindspore/test_distributed.py (not a test module itself).
+
+Usage (under msrun): python msrun_worker.py <data_dir> <output_dir> <weights_dir> <max_steps>
+Runs engine.run_pretrain on the tiny ViT and saves this rank's final weights (canonical state) to
+<weights_dir>/rank<r>.npz, so the test can compare ranks.
+"""
+import os
+import sys
+
+import numpy as np
+
+
+def main(data_dir: str, output_dir: str, weights_dir: str, max_steps: int) -> None:
+    from localmim.backends.mindspore import engine
+    from localmim.backends.mindspore import distributed as dist_utils
+    from localmim.core.config import PretrainConfig
+
+    built = []
+    original = engine.build_model
+
+    def capture(spec):  # keep a handle on the model the engine trains
+        model = original(spec)
+        built.append(model)
+        return model
+
+    engine.build_model = capture
+    cfg = PretrainConfig()
+    cfg.model.name = "vit_tiny_test"
+    cfg.data.path = data_dir
+    cfg.data.batch_size = 4
+    cfg.data.num_workers = 0
+    cfg.optim.lr = 1e-3
+    cfg.optim.epochs = 4
+    cfg.optim.warmup_epochs = 0
+    cfg.train.seed = 3
+    cfg.train.device = "cpu"
+    cfg.train.output_dir = output_dir
+    cfg.train.max_steps = max_steps
+    cfg.train.log_every = 1
+    cfg.train.progress = False
+    result = engine.run_pretrain(cfg)
+    rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
+    os.makedirs(weights_dir, exist_ok=True)
+    np.savez(os.path.join(weights_dir, f"rank{rank}.npz"), **built[-1].export_state())
+    print(f"worker rank {rank} of {world} done: step {result['step']} loss {result['loss']}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
