@@ -89,7 +89,7 @@ class TrainConfig:
     save_every_steps: Optional[int] = None
     save_every_epochs: int = 50
     keep_checkpoints: int = 3
-    compile: bool = False                  # torch.compile / ms.jit where applicable
+    compile: Optional[bool] = None         # None: the backend's fast path (MindSpore ms.jit, PyTorch eager)
     progress: Optional[bool] = None        # None: a bar only when stderr is a terminal
 
 

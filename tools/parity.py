@@ -200,7 +200,7 @@ class MindSporeSide:
         return {n: g.asnumpy() for n, g in zip(names, grads)}
 
     def make_optimizer(self, groups, lr, betas, eps, compile=False):
-        from mindspore.experimental.optim import AdamW
+        from localmim.backends.mindspore.engine import LocalAdamW as AdamW
         opt_groups = [{"params": [self.params[n] for n in g["params"]], "weight_decay": g["weight_decay"]}
                       for g in groups]
         self.optimizer = AdamW(opt_groups, lr=lr, betas=tuple(betas), eps=eps)
@@ -215,9 +215,8 @@ class MindSporeSide:
         self._step = self.ms.jit(step) if compile and self.spec.family == "vit" else step
 
     def train_step(self, inputs: Inputs, lr: float) -> float:
-        # set_data would swap the tensor behind the compiled step's back; assign writes in place.
-        for lr_param in self.optimizer.lrs:
-            self.ms.ops.assign(lr_param, self.ms.Tensor(lr, self.ms.float32))
+        from localmim.backends.mindspore.engine import set_lr
+        set_lr(self.optimizer, lr)
         loss = self._step(self._t(inputs.images), *self._args(inputs.model))
         return float(loss.asnumpy())
 

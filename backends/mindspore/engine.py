@@ -19,8 +19,9 @@ The step: `mindspore.value_and_grad` of loss / accum_iter over the trainable par
 over the micro-batches of a step), `nn.DistributedGradReducer` (mean) once per step under msrun,
 optional loss scaling (fp16, `mindspore.amp.DynamicLossScaler`, steps with non-finite gradients
 are skipped as GradScaler does), optional global-norm clipping, then
-`mindspore.experimental.optim.AdamW`. With `train.compile` the gradient and update functions are
-compiled with `mindspore.jit`; otherwise they run in PyNative mode.
+`mindspore.experimental.optim.AdamW`. Unless `train.compile` is false, the gradient and update
+functions are compiled with `mindspore.jit` (graph mode); `train.compile=false` runs them in
+PyNative mode, for debugging.
 
 Swin models (spec.family "swin") train the same way on batches that carry a grouping plan
 ("plan", see data.py) instead of ViT masks. In PyNative mode the plans keep their natural shapes;
@@ -103,9 +104,9 @@ def apply_mixed_precision(model: nn.Cell, precision: str, use_jit: bool = False)
     if precision == "fp32":
         return
     if use_jit:
-        raise ValueError(f"train.precision {precision!r} with train.compile=true is not supported by the MindSpore "
-                         f"backend (ms.jit refuses the mixed-dtype MatMul of Cell.to_float); set train.compile=false "
-                         f"or train.precision=fp32")
+        raise ValueError(f"train.precision {precision!r} in graph mode (train.compile not false) is not supported "
+                         f"by the MindSpore backend (ms.jit refuses the mixed-dtype MatMul of Cell.to_float); set "
+                         f"train.compile=false or train.precision=fp32")
     dtype = ms.bfloat16 if precision == "bf16" else ms.float16
     # Swin: `encoder` holds patch_embed, stages and branch norms; targets live outside it
     names = ("encoder", "decoder") if getattr(model.spec, "family", "vit") == "swin" else \
@@ -451,7 +452,8 @@ def _run(cfg, spec, rank: int, world: int, target: str) -> Dict:
     accum = int(cfg.optim.accum_iter)
     if accum < 1:
         raise ValueError(f"optim.accum_iter must be >= 1, got {accum}")
-    precision = resolve_precision(cfg.train.precision, target, use_jit=bool(cfg.train.compile))
+    use_jit = cfg.train.compile is not False  # None (the default) means graph mode, MindSpore's fast path
+    precision = resolve_precision(cfg.train.precision, target, use_jit=use_jit)
 
     # Same seed on every rank: identical initial weights without a broadcast.
     ms.set_seed(int(cfg.train.seed))
@@ -461,7 +463,7 @@ def _run(cfg, spec, rank: int, world: int, target: str) -> Dict:
     scaler = make_loss_scaler(precision)
 
     loader, sampler = data_mod.build_pretrain_loader(cfg, spec, rank=rank, world=world,
-                                                     static_plans=bool(cfg.train.compile))
+                                                     static_plans=use_jit)
     steps_per_epoch = sampler.batches_per_epoch // accum
     if steps_per_epoch < 1:
         raise ValueError(f"{sampler.batches_per_epoch} micro-batches per epoch on each rank are fewer than "
@@ -488,11 +490,11 @@ def _run(cfg, spec, rank: int, world: int, target: str) -> Dict:
         loader.close()
         return {"step": step, "loss": _last_logged_loss(log_path), "checkpoint": last_ckpt, "output_dir": out}
 
-    apply_mixed_precision(model, precision, use_jit=bool(cfg.train.compile))
+    apply_mixed_precision(model, precision, use_jit=use_jit)
     model.set_train(True)
     reducer = nn.DistributedGradReducer(optimizer.parameters, mean=True, degree=world) if world > 1 else None
     stepper = TrainStep(model, optimizer, accum, scaler=scaler, reducer=reducer, clip_grad=cfg.optim.clip_grad,
-                        use_jit=bool(cfg.train.compile))
+                        use_jit=use_jit)
 
     tracker = _LossTracker(out, steps_per_epoch)
     sync_every_step = target == "CPU"  # the check costs no device sync there

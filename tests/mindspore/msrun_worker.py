@@ -25,6 +25,7 @@ def main(data_dir: str, output_dir: str, weights_dir: str, max_steps: int) -> No
 
     engine.build_model = capture
     cfg = PretrainConfig()
+    cfg.train.compile = False  # PyNative: no compile time for a few tiny steps
     cfg.model.name = "vit_tiny_test"
     cfg.data.path = data_dir
     cfg.data.batch_size = 4
