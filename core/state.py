@@ -180,6 +180,20 @@ def vit_target_shapes(spec: ViTSpec) -> Dict[str, Tuple[int, ...]]:
     return out
 
 
+def check_hog_kernels(state: Mapping[str, np.ndarray]) -> None:
+    """Every `hog_enc.{k}.conv.weight` in `state` must be the fixed Sobel kernel.
+
+    The backends compute HOG targets for all scales from one gradient pass with the first kernel,
+    so a state whose kernels differ would silently change the targets. Raises StateError naming
+    the key.
+    """
+    from localmim.core.targets import sobel_kernel
+    sobel = sobel_kernel()
+    for key in sorted(state):
+        if key.startswith("hog_enc.") and key.endswith(".conv.weight") \
+                and not np.array_equal(np.asarray(state[key], dtype=np.float32), sobel):
+            raise StateError(f"state key {key} is not the fixed Sobel kernel of the HOG target")
+
 def vit_canonical_shapes(spec: ViTSpec, include_decoder: bool = True,
                          include_targets: bool = True) -> Dict[str, Tuple[int, ...]]:
     """The full canonical key list of a LocalMIM ViT: name -> shape (PyTorch layouts)."""

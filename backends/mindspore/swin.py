@@ -34,9 +34,10 @@ from mindspore.common.initializer import Normal, TruncatedNormal, Uniform, initi
 
 from localmim.core.pos_embed import sincos_2d
 from localmim.core.specs import SwinSpec
-from localmim.core.state import StateError, check_state
+from localmim.core.state import StateError  # re-exported
 from localmim.core.swin_plan import SwinPlan
 from localmim.backends.mindspore import targets as T
+from localmim.backends.mindspore.model import LocalMIMModel
 from localmim.backends.mindspore.layers import LN_EPS, Block, LayerNorm, Linear, Mlp, PatchEmbed
 
 __all__ = [
@@ -273,7 +274,7 @@ class SwinDecoder(nn.Cell):
         return self.pred(self.norm(x))
 
 
-class LocalMIMSwin(nn.Cell):
+class LocalMIMSwin(LocalMIMModel):
     """LocalMIM Swin pretraining model built from a `core.specs.SwinSpec`.
 
     Public methods (same names as the torch twin): forward_encoder(imgs, plan),
@@ -364,20 +365,6 @@ class LocalMIMSwin(nn.Cell):
         return [self.decoder[k](latents[k], plan[f"branch{k}.scatter"], plan[f"branch{k}.mask"])
                 for k in range(self.num_branches)]
 
-    def forward_targets(self, imgs) -> List[Tensor]:
-        """Per-branch targets (B, g_k^2, out_k), float32, no gradient (HOG or pixel, spec §2.8)."""
-        imgs = ops.stop_gradient(imgs.astype(ms.float32))
-        if self.target_kind == "hog":
-            weight = self.hog_enc[0].conv.weight
-            if self.hog_bias:
-                biases = [self.hog_enc[k].conv.bias for k in range(self.num_branches)]
-                outs = T.hog_targets(imgs, self.cell_sizes, self.nbins, weight, biases)
-            else:
-                outs = T.hog_targets(imgs, self.cell_sizes, self.nbins, weight)
-        else:
-            outs = T.pixel_targets(imgs, self.cell_sizes, self.norm_pix)
-        return [ops.stop_gradient(t) for t in outs]
-
     def branch_masks(self, plan, batch: int) -> List[Tensor]:
         """Per-branch float32 masks (B, g_k^2), 1 = masked: the plan's branch masks over the batch."""
         plan = self._plan(plan)
@@ -395,28 +382,6 @@ class LocalMIMSwin(nn.Cell):
         targets = self.forward_targets(imgs)
         masks = self.branch_masks(plan, imgs.shape[0])
         return T.localmim_loss(preds, targets, masks)
-
-    # ---------------------------------------------------------------- canonical state
-
-    def state_shapes(self) -> Dict[str, tuple]:
-        """Canonical name -> shape of every parameter (trainable and frozen)."""
-        return {p.name: tuple(p.shape) for p in self.get_parameters()}
-
-    def export_state(self) -> Dict[str, np.ndarray]:
-        """Canonical state: name -> float32 numpy copy, PyTorch layouts (docs/internals.md)."""
-        return {p.name: p.asnumpy().astype(np.float32, copy=True) for p in self.get_parameters()}
-
-    def import_state(self, state: Dict[str, np.ndarray]) -> None:
-        """Load a canonical state strictly (StateError naming missing / unexpected / mis-shaped keys,
-        or a HOG kernel that is not the Sobel filter); nothing is written unless the whole state fits."""
-        check_state(self.state_shapes(), state, what=f"state for {self.spec.name} (MindSpore LocalMIMSwin)")
-        sobel = T.sobel_kernel()
-        for k in range(self.num_branches if self.target_kind == "hog" else 0):
-            key = f"hog_enc.{k}.conv.weight"
-            if not np.array_equal(np.asarray(state[key], dtype=np.float32), sobel):
-                raise StateError(f"state key {key} is not the fixed Sobel kernel of the HOG target")
-        for p in self.get_parameters():
-            p.set_data(Tensor(np.asarray(state[p.name], dtype=np.float32).copy()))
 
 
 def build_swin(spec: SwinSpec) -> LocalMIMSwin:

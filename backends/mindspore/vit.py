@@ -13,7 +13,7 @@ ids_restore (B, N) int64, mask (B, N) float32 with 1 = masked.
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 import mindspore as ms
@@ -21,9 +21,10 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, Uniform, initializer
 
 from localmim.core.pos_embed import sincos_2d
-from localmim.core.state import StateError, check_state
+from localmim.core.state import StateError  # re-exported
 from localmim.core.specs import ViTSpec
 from localmim.backends.mindspore import targets as T
+from localmim.backends.mindspore.model import LocalMIMModel
 from localmim.backends.mindspore.layers import (
     LN_EPS, AvgPool2x2, Block, Conv1x1, ConvTranspose2x2, GELU, LayerNorm, LayerNorm2d, Linear, PatchEmbed,
 )
@@ -92,7 +93,7 @@ class LocalDecoder(nn.Cell):
         return x.reshape(b, self.out_grid * self.out_grid, self.out_dim)
 
 
-class LocalMIMViT(nn.Cell):
+class LocalMIMViT(LocalMIMModel):
     """LocalMIM ViT pretraining model built from a `core.specs.ViTSpec`.
 
     Public methods (same names as the torch twin): forward_encoder, forward_decoders,
@@ -200,20 +201,6 @@ class LocalMIMViT(nn.Cell):
         """Branch k decodes latents[k] -> (B, L_k, out_k) in raster order of its grid."""
         return [self.decoder[k](latents[k], ids_restore) for k in range(self.num_branches)]
 
-    def forward_targets(self, imgs) -> List[Tensor]:
-        """Per-branch targets (B, L_k, out_k), float32, no gradient (HOG or pixel, spec §1.5/§2.8)."""
-        imgs = ops.stop_gradient(imgs.astype(ms.float32))
-        if self.target_kind == "hog":
-            weight = self.hog_enc[0].conv.weight
-            if self.hog_bias:
-                biases = [self.hog_enc[k].conv.bias for k in range(self.num_branches)]
-                outs = T.hog_targets(imgs, self.cell_sizes, self.nbins, weight, biases)
-            else:
-                outs = T.hog_targets(imgs, self.cell_sizes, self.nbins, weight)
-        else:
-            outs = T.pixel_targets(imgs, self.cell_sizes, self.norm_pix)
-        return [ops.stop_gradient(t) for t in outs]
-
     def scale_masks(self, mask) -> List[Tensor]:
         """(B, N) patch mask -> per-branch float32 masks (B, L_k) (nearest repeat / 2x2 average)."""
         return T.scale_masks(mask, self.grid, self.scales)
@@ -225,34 +212,6 @@ class LocalMIMViT(nn.Cell):
         targets = self.forward_targets(imgs)
         masks = self.scale_masks(mask)
         return T.localmim_loss(preds, targets, masks)
-
-    # ---------------------------------------------------------------- canonical state
-
-    def state_shapes(self) -> Dict[str, tuple]:
-        """Canonical name -> shape of every parameter (trainable and frozen)."""
-        return {p.name: tuple(p.shape) for p in self.get_parameters()}
-
-    def export_state(self) -> Dict[str, np.ndarray]:
-        """Canonical state: name -> float32 numpy copy, PyTorch layouts (docs/internals.md)."""
-        return {p.name: p.asnumpy().astype(np.float32, copy=True) for p in self.get_parameters()}
-
-    def import_state(self, state: Dict[str, np.ndarray]) -> None:
-        """Load a canonical state strictly: every key present, no extra key, every shape equal.
-
-        Raises core.state.StateError (a ValueError) naming the missing, unexpected and mis-shaped
-        keys (key, expected, found), or a HOG kernel that is not the Sobel filter; nothing is
-        written unless the whole state fits.
-        """
-        check_state(self.state_shapes(), state, what=f"state for {self.spec.name} (MindSpore LocalMIMViT)")
-        # forward_targets runs one gradient pass with hog_enc.0's kernel for every scale, so every
-        # stored kernel must be the fixed Sobel filter.
-        sobel = T.sobel_kernel()
-        for k in range(self.num_branches if self.target_kind == "hog" else 0):
-            key = f"hog_enc.{k}.conv.weight"
-            if not np.array_equal(np.asarray(state[key], dtype=np.float32), sobel):
-                raise StateError(f"state key {key} is not the fixed Sobel kernel of the HOG target")
-        for p in self.get_parameters():
-            p.set_data(Tensor(np.asarray(state[p.name], dtype=np.float32).copy()))
 
 
 def build_model(spec: ViTSpec) -> LocalMIMViT:

@@ -24,9 +24,9 @@ from torch import nn
 
 from localmim.backends.torch import targets as T
 from localmim.backends.torch.layers import LN_EPS, Block, Mlp, PatchEmbed
+from localmim.backends.torch.model import LocalMIMModel
 from localmim.core.pos_embed import sincos_2d
 from localmim.core.specs import SwinSpec
-from localmim.core.state import StateError, check_state
 from localmim.core.swin_plan import SwinPlan
 
 __all__ = [
@@ -288,7 +288,7 @@ def _init_linear_and_norm(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-class LocalMIMSwin(nn.Module):
+class LocalMIMSwin(LocalMIMModel):
     """LocalMIM Swin pretraining model built from a `core.specs.SwinSpec` (spec §2).
 
     Every forward takes `plan`: `plan_tensors(build_swin_plan(spec, cell_mask))` on the model's
@@ -333,19 +333,6 @@ class LocalMIMSwin(nn.Module):
         return [dec(z, _plan_get(plan, f"branch{k}.scatter"))
                 for k, (dec, z) in enumerate(zip(self.decoder, latents))]
 
-    def forward_targets(self, imgs: torch.Tensor) -> List[torch.Tensor]:
-        """One float32 (B, g_k^2, out_k) target per branch, no grad, autocast off (§2.8)."""
-        cells = [br.cell for br in self.branches]
-        tgt = self.spec.target
-        with torch.no_grad(), torch.autocast(device_type=imgs.device.type, enabled=False):
-            imgs = imgs.float()
-            if tgt.kind == "pixel":
-                return T.pixel_targets(imgs, cells, tgt.norm_pix)
-            biases = None
-            if tgt.hog_bias:
-                biases = torch.stack([h.conv.bias for h in self.hog_enc]).float()
-            return T.hog_targets(imgs, cells, tgt.nbins, self.hog_enc[0].conv.weight.float(), biases)
-
     def branch_masks(self, plan: Mapping[str, torch.Tensor], batch: int) -> List[torch.Tensor]:
         """Per-branch float32 (B, g_k^2) binary masks (1 = masked), the batch's one mask repeated."""
         return [_plan_get(plan, f"branch{k}.mask").float().unsqueeze(0).expand(batch, -1)
@@ -357,28 +344,6 @@ class LocalMIMSwin(nn.Module):
         preds = self.forward_decoders(latents, plan)
         targets = self.forward_targets(imgs)
         return T.localmim_loss(preds, targets, self.branch_masks(plan, imgs.shape[0]))
-
-    # ------------------------------------------------------------------ canonical state
-    def export_state(self) -> Dict[str, np.ndarray]:
-        """Canonical state: {name: float32 numpy copy} with the official Swin names and layouts."""
-        return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in self.state_dict().items()}
-
-    def import_state(self, state: Mapping[str, np.ndarray]) -> None:
-        """Load a canonical state strictly.
-
-        Raises core.state.StateError (a ValueError) naming missing, unexpected and mis-shaped keys,
-        or a HOG kernel that is not the fixed Sobel filter; the model is untouched on error.
-        """
-        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
-        check_state(expected, state, what=f"state for {self.spec.name} (torch LocalMIMSwin)")
-        sobel = T.sobel_kernel().numpy()
-        for k in range(len(self.branches) if hasattr(self, "hog_enc") else 0):
-            key = f"hog_enc.{k}.conv.weight"
-            if not np.array_equal(np.asarray(state[key], dtype=np.float32), sobel):
-                raise StateError(f"state key {key} is not the fixed Sobel kernel of the HOG target")
-        own = self.state_dict()
-        tensors = {k: torch.as_tensor(np.asarray(v)).to(own[k].dtype) for k, v in state.items()}
-        self.load_state_dict(tensors, strict=True)
 
 
 def build_swin(spec: SwinSpec) -> LocalMIMSwin:

@@ -9,7 +9,7 @@ Masks are sampled outside the model (core.masking) and passed in: `ids_keep` (B,
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch
@@ -17,9 +17,9 @@ from torch import nn
 
 from localmim.backends.torch import targets as T
 from localmim.backends.torch.layers import LN_EPS, Block, LayerNorm2d, PatchEmbed
+from localmim.backends.torch.model import LocalMIMModel
 from localmim.core.pos_embed import sincos_2d
 from localmim.core.specs import ViTSpec
-from localmim.core.state import StateError, check_state
 
 __all__ = ["LocalMIMViT", "LocalDecoder", "build_model", "build_pred_head"]
 
@@ -105,7 +105,7 @@ class LocalDecoder(nn.Module):
         return self.pred(fmap).flatten(2).transpose(1, 2)
 
 
-class LocalMIMViT(nn.Module):
+class LocalMIMViT(LocalMIMModel):
     """LocalMIM ViT pretraining model built from a `core.specs.ViTSpec` (spec §1)."""
 
     def __init__(self, spec: ViTSpec):
@@ -163,19 +163,6 @@ class LocalMIMViT(nn.Module):
         """One (B, L_k, out_k) prediction per branch, L_k = (scale_k * grid)^2, raster order."""
         return [dec(z, ids_restore) for dec, z in zip(self.decoder, latents)]
 
-    def forward_targets(self, imgs: torch.Tensor) -> List[torch.Tensor]:
-        """One float32 (B, L_k, out_k) target per branch, no grad, autocast off (§1.5)."""
-        cells = [br.cell for br in self.branches]
-        tgt = self.spec.target
-        with torch.no_grad(), torch.autocast(device_type=imgs.device.type, enabled=False):
-            imgs = imgs.float()
-            if tgt.kind == "pixel":
-                return T.pixel_targets(imgs, cells, tgt.norm_pix)
-            biases = None
-            if tgt.hog_bias:
-                biases = torch.stack([h.conv.bias for h in self.hog_enc]).float()
-            return T.hog_targets(imgs, cells, tgt.nbins, self.hog_enc[0].conv.weight.float(), biases)
-
     def scale_masks(self, mask: torch.Tensor) -> List[torch.Tensor]:
         """Per-branch float32 masks (B, L_k) from the patch mask (B, N) (§1.6)."""
         return T.scale_masks(mask, self.spec.grid, self.spec.scales)
@@ -187,28 +174,6 @@ class LocalMIMViT(nn.Module):
         preds = self.forward_decoders(latents, ids_restore)
         targets = self.forward_targets(imgs)
         return T.localmim_loss(preds, targets, self.scale_masks(mask))
-
-    # ------------------------------------------------------------------ canonical state
-    def export_state(self) -> Dict[str, np.ndarray]:
-        """Canonical state: {name: float32 numpy copy} with the PyTorch names and layouts."""
-        return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in self.state_dict().items()}
-
-    def import_state(self, state: Dict[str, np.ndarray]) -> None:
-        """Load a canonical state strictly.
-
-        Raises core.state.StateError (a ValueError) naming missing, unexpected and mis-shaped keys,
-        or a HOG kernel that is not the fixed Sobel filter; the model is untouched on error.
-        """
-        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
-        check_state(expected, state, what=f"state for {self.spec.name} (torch LocalMIMViT)")
-        sobel = T.sobel_kernel().numpy()
-        for k in range(len(self.branches) if hasattr(self, "hog_enc") else 0):
-            key = f"hog_enc.{k}.conv.weight"
-            if not np.array_equal(np.asarray(state[key], dtype=np.float32), sobel):
-                raise StateError(f"state key {key} is not the fixed Sobel kernel of the HOG target")
-        own = self.state_dict()
-        tensors = {k: torch.as_tensor(np.asarray(v)).to(own[k].dtype) for k, v in state.items()}
-        self.load_state_dict(tensors, strict=True)
 
 
 def build_model(spec: ViTSpec) -> LocalMIMViT:

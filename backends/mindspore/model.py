@@ -1,0 +1,54 @@
+"""What the LocalMIM ViT and Swin models share: targets and the canonical state."""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from localmim.backends.mindspore import targets as T
+from localmim.core.state import check_hog_kernels, check_state
+
+
+class LocalMIMModel(nn.Cell):
+    """Base of LocalMIMViT and LocalMIMSwin.
+
+    Subclasses set `spec`, `num_branches`, `cell_sizes` (target cell per branch), `target_kind`,
+    `nbins`, `hog_bias`, `norm_pix` and, for HOG targets, `hog_enc` (one frozen HOGLayer per branch).
+    """
+
+    def forward_targets(self, imgs) -> List[Tensor]:
+        """Per-branch targets (B, L_k, out_k), float32, no gradient (HOG or pixel, §1.5, §2.8)."""
+        imgs = ops.stop_gradient(imgs.astype(ms.float32))
+        if self.target_kind == "hog":
+            weight = self.hog_enc[0].conv.weight
+            if self.hog_bias:
+                biases = [self.hog_enc[k].conv.bias for k in range(self.num_branches)]
+                outs = T.hog_targets(imgs, self.cell_sizes, self.nbins, weight, biases)
+            else:
+                outs = T.hog_targets(imgs, self.cell_sizes, self.nbins, weight)
+        else:
+            outs = T.pixel_targets(imgs, self.cell_sizes, self.norm_pix)
+        return [ops.stop_gradient(t) for t in outs]
+
+    def state_shapes(self) -> Dict[str, tuple]:
+        """Canonical name -> shape of every parameter (trainable and frozen)."""
+        return {p.name: tuple(p.shape) for p in self.get_parameters()}
+
+    def export_state(self) -> Dict[str, np.ndarray]:
+        """Canonical state: name -> float32 numpy copy, PyTorch layouts (docs/internals.md)."""
+        return {p.name: p.asnumpy().astype(np.float32, copy=True) for p in self.get_parameters()}
+
+    def import_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Load a canonical state strictly.
+
+        Raises core.state.StateError (a ValueError) naming the missing, unexpected and mis-shaped
+        keys (key, expected, found), or a HOG kernel that is not the Sobel filter; nothing is
+        written unless the whole state fits.
+        """
+        check_state(self.state_shapes(), state,
+                    what=f"state for {self.spec.name} (MindSpore {type(self).__name__})")
+        check_hog_kernels(state)
+        for p in self.get_parameters():
+            p.set_data(Tensor(np.asarray(state[p.name], dtype=np.float32).copy()))

@@ -1,0 +1,49 @@
+"""What the LocalMIM ViT and Swin models share: targets and the canonical state."""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from localmim.backends.torch import targets as T
+from localmim.core.state import check_hog_kernels, check_state
+
+
+class LocalMIMModel(nn.Module):
+    """Base of LocalMIMViT and LocalMIMSwin.
+
+    Subclasses set `spec` (its `target` says HOG or pixels), `branches` (the spec's BranchSpecs)
+    and, for HOG targets, `hog_enc` (one frozen HOGLayer per branch).
+    """
+
+    def forward_targets(self, imgs: torch.Tensor) -> List[torch.Tensor]:
+        """One float32 (B, L_k, out_k) target per branch, no grad, autocast off (§1.5, §2.8)."""
+        cells = [br.cell for br in self.branches]
+        tgt = self.spec.target
+        with torch.no_grad(), torch.autocast(device_type=imgs.device.type, enabled=False):
+            imgs = imgs.float()
+            if tgt.kind == "pixel":
+                return T.pixel_targets(imgs, cells, tgt.norm_pix)
+            biases = None
+            if tgt.hog_bias:
+                biases = torch.stack([h.conv.bias for h in self.hog_enc]).float()
+            return T.hog_targets(imgs, cells, tgt.nbins, self.hog_enc[0].conv.weight.float(), biases)
+
+    def export_state(self) -> Dict[str, np.ndarray]:
+        """Canonical state: {name: float32 numpy copy} with the PyTorch names and layouts."""
+        return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in self.state_dict().items()}
+
+    def import_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Load a canonical state strictly.
+
+        Raises core.state.StateError (a ValueError) naming missing, unexpected and mis-shaped keys,
+        or a HOG kernel that is not the fixed Sobel filter; the model is untouched on error.
+        """
+        own = self.state_dict()
+        check_state({k: tuple(v.shape) for k, v in own.items()}, state,
+                    what=f"state for {self.spec.name} (torch {type(self).__name__})")
+        check_hog_kernels(state)
+        tensors = {k: torch.as_tensor(np.asarray(v)).to(own[k].dtype) for k, v in state.items()}
+        self.load_state_dict(tensors, strict=True)
