@@ -22,43 +22,24 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import tempfile
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Tuple
 
 import numpy as np
+
+from localmim.backends import runs
+from localmim.backends.runs import CHECKPOINT_KEYS, CheckpointError
 
 __all__ = [
     "CheckpointError", "CHECKPOINT_KEYS", "FORMAT_TAG", "checkpoint_name", "save_checkpoint", "load_checkpoint",
     "list_checkpoints", "latest_checkpoint", "prune_checkpoints", "check_model_state",
 ]
 
-CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "step", "epoch", "config")
 FORMAT_TAG = "localmim-mindspore-pretrain-1"
-_NAME_RE = re.compile(r"^checkpoint-(\d+)\.ckpt$")
+EXT = ".ckpt"
 _PREFIXES = {"optimizer": "optim.", "scaler": "scaler."}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, corrupt, foreign or made for another model."""
-
-
-def checkpoint_name(step: int) -> str:
-    """File name of the checkpoint written after `step` optimizer steps."""
-    return f"checkpoint-{int(step)}.ckpt"
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+_FILES = runs.CheckpointFiles(EXT)  # name(step), list(folder), latest(folder), prune(folder, keep)
+checkpoint_name, list_checkpoints = _FILES.name, _FILES.list
+latest_checkpoint, prune_checkpoints = _FILES.latest, _FILES.prune
 
 
 def _to_tensor(value):
@@ -107,23 +88,12 @@ def save_checkpoint(path: str, payload: Mapping) -> str:
     never half a file. Returns `path`.
     """
     import mindspore as ms
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     entries, extra = _flatten(payload)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", suffix=".ckpt", dir=folder)
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         ms.save_checkpoint(entries, tmp, append_dict=extra, crc_check=True)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(folder)
-    return path
+
+    return runs.write_atomically(path, write, suffix=EXT)
 
 
 def _to_numpy(value):
@@ -179,11 +149,8 @@ def load_checkpoint(path: str, require: Iterable[str] = CHECKPOINT_KEYS) -> Dict
     else:
         payload.pop("optimizer")
         payload.pop("scaler")
-    missing = [k for k in require if k not in payload]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {path} is not a localmim MindSpore training checkpoint: missing keys {missing} "
-            f"(no meta.format/meta.step/meta.config entries; found tensors {sorted(raw)[:8]})")
+    runs.require_keys(path, payload, require, "MindSpore",
+                      f"no meta.format/meta.step/meta.config entries; found tensors {sorted(raw)[:8]}")
     return payload
 
 
@@ -192,50 +159,4 @@ def check_model_state(path: str, state: Mapping[str, np.ndarray], expected: Mapp
 
     expected: {name: shape} of the model (e.g. model.state_shapes()). path: only for the message.
     """
-    missing = sorted(k for k in expected if k not in state)
-    unexpected = sorted(k for k in state if k not in expected)
-    shapes = sorted(f"{k}: {tuple(np.shape(state[k]))} vs model {tuple(expected[k])}"
-                    for k in expected if k in state and tuple(np.shape(state[k])) != tuple(expected[k]))
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_short(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_short(unexpected)}")
-        if shapes:
-            parts.append(f"mis-shaped keys {_short(shapes)}")
-        raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(parts))
-
-
-def _short(items: List[str], limit: int = 8) -> str:
-    head = ", ".join(items[:limit])
-    return f"[{head}{', ... %d more' % (len(items) - limit) if len(items) > limit else ''}]"
-
-
-def list_checkpoints(folder: str) -> List[Tuple[int, str]]:
-    """All `checkpoint-<step>.ckpt` files in `folder` as (step, path), oldest step first."""
-    if not folder or not os.path.isdir(folder):
-        return []
-    found = []
-    for name in os.listdir(folder):
-        m = _NAME_RE.match(name)
-        if m:
-            found.append((int(m.group(1)), os.path.join(folder, name)))
-    return sorted(found)
-
-
-def latest_checkpoint(folder: str) -> Optional[str]:
-    """Path of the checkpoint with the highest step in `folder`, or None."""
-    found = list_checkpoints(folder)
-    return found[-1][1] if found else None
-
-
-def prune_checkpoints(folder: str, keep: int) -> List[str]:
-    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps all). Returns removed paths."""
-    if keep is None or keep <= 0:
-        return []
-    removed = []
-    for _, path in list_checkpoints(folder)[:-keep]:
-        os.remove(path)
-        removed.append(path)
-    return removed
+    runs.check_model_state(path, state, expected)

@@ -1,19 +1,10 @@
 """LocalMIM pretraining loop for MindSpore: one process, or msrun + data parallel.
 
 run_pretrain(cfg) trains the model of `cfg.build_spec()` on `cfg.data.path` and writes into
-`cfg.train.output_dir` exactly what the torch engine writes:
-- config.yaml   the resolved config;
-- log.jsonl     one object per logged step: step, epoch, loss, loss_b0..loss_b3, lr, images_per_s,
-                step_time_s (losses: mean over the optimizer steps since the previous line, each
-                step's loss being the mean of its micro-batches and of all ranks);
-- checkpoint-<step>.ckpt (see checkpoint.py), the newest `keep_checkpoints` kept.
-
-Counting: `step` is the number of optimizer steps done; steps_per_epoch = micro-batches per epoch
-// accum_iter (left-over micro-batches of an epoch are skipped, as in the reference); the lr of
-optimizer step s is core.schedule.lr_for_step(s, steps_per_epoch, ...), written into the
-optimizer's per-group lr Parameters (lr x the group's lr_scale) before the step. A run stops after
-`train.max_steps` steps in total when set, else after `optim.epochs` epochs. Rerunning with the
-same output folder resumes from its newest checkpoint and reproduces the uninterrupted run.
+`cfg.train.output_dir` exactly what the torch engine writes (config.yaml, log.jsonl, here
+checkpoint-<step>.ckpt); backends/runs.py describes those files, the step counting and resumption.
+The lr of each step is written into the optimizer's per-group lr Parameters (lr x the group's
+lr_scale) before the step.
 
 The step: `mindspore.value_and_grad` of loss / accum_iter over the trainable parameters (summed
 over the micro-batches of a step), `nn.DistributedGradReducer` (mean) once per step under msrun,
@@ -30,13 +21,8 @@ with `train.compile` the loader pads every plan to the fixed shapes of
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import sys
-import tempfile
-import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -44,6 +30,8 @@ import mindspore as ms
 from mindspore import amp, nn, ops
 from mindspore.experimental.optim import AdamW
 
+from localmim.backends import runs
+from localmim.backends.runs import LOG_KEYS, NonFiniteLossError, config_to_dict, write_config
 from localmim.backends.mindspore import checkpoint as ckpt
 from localmim.backends.mindspore import data as data_mod
 from localmim.backends.mindspore import distributed as dist_utils
@@ -57,13 +45,7 @@ __all__ = [
     "TrainStep", "build_pretrain_model", "batch_inputs", "config_to_dict", "write_config", "run_pretrain",
 ]
 
-LOG_KEYS = ("step", "epoch", "loss", "loss_b0", "loss_b1", "loss_b2", "loss_b3", "lr", "images_per_s",
-            "step_time_s")
 _LOSS_SCALE_INIT = 2.0 ** 16  # torch GradScaler's default, so both backends start alike
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the run stopped without writing a checkpoint."""
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -211,75 +193,6 @@ def load_scaler_state(scaler, state: Optional[Dict[str, np.ndarray]]) -> None:
     ops.assign(scaler.counter, ms.Tensor(np.asarray(state["counter"], np.int32).reshape(())))
 
 
-def config_to_dict(cfg) -> Dict:
-    """The config as plain nested dicts/lists (what checkpoints and config.yaml hold)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_config(cfg, path: str) -> None:
-    """config.yaml via core.config.save_config when present, else a YAML dump of the dataclass."""
-    try:
-        from localmim.core.config import save_config
-    except ImportError:
-        save_config = None
-    if save_config is not None:
-        save_config(cfg, path)
-        return
-    import yaml
-    _atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-
-def _trim_log(path: str, last_step: int) -> None:
-    """Drop log lines past `last_step` (written after the checkpoint a resumed run starts from)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= last_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue  # a torn last line from a killed run
-    if kept != lines:
-        _atomic_write_text(path, "".join(kept))
-
-
-def _last_logged_loss(path: str) -> Optional[float]:
-    if not os.path.exists(path):
-        return None
-    loss = None
-    with open(path) as f:
-        for line in f:
-            try:
-                loss = float(json.loads(line)["loss"])
-            except (ValueError, KeyError, TypeError):
-                pass
-    return loss
-
-
-def _show_progress(setting: Optional[bool]) -> bool:
-    if setting is not None:
-        return bool(setting)
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
-
-
 # ---------------------------------------------------------------------------------------- step
 _hyper_map = ops.HyperMap()
 
@@ -377,45 +290,10 @@ class TrainStep:
 
 
 # ---------------------------------------------------------------------------------------- loop
-class _LossTracker:
-    """Per-step [loss, loss_b0..] rows; fetched (averaged over ranks) when asked.
-
-    fetch() raises NonFiniteLossError naming the first bad step, on every rank alike.
-    """
-
-    def __init__(self, output_dir: str, steps_per_epoch: int):
-        self.pending: List[np.ndarray] = []
-        self.pending_steps: List[int] = []
-        self.window: List[np.ndarray] = []
-        self.output_dir = output_dir
-        self.steps_per_epoch = steps_per_epoch
-        self.last_row: Optional[np.ndarray] = None
-
-    def add(self, row, step: int) -> None:
-        self.pending.append(row)
-        self.pending_steps.append(step)
-
-    def fetch(self) -> None:
-        if not self.pending:
-            return
-        rows = np.stack([np.asarray(r.asnumpy() if hasattr(r, "asnumpy") else r, np.float32) for r in self.pending])
-        rows = dist_utils.all_reduce_mean(rows)
-        bad = ~np.isfinite(rows).all(axis=1)
-        if bad.any():
-            step = self.pending_steps[int(np.argmax(bad))]
-            last = ckpt.latest_checkpoint(self.output_dir)
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} (epoch {(step - 1) // self.steps_per_epoch}); "
-                f"last good checkpoint: {last if last else 'none'}")
-        self.window.extend(rows)
-        self.last_row = rows[-1]
-        self.pending, self.pending_steps = [], []
-
-    def take_window(self) -> np.ndarray:
-        self.fetch()
-        mean = np.mean(np.stack(self.window), axis=0)
-        self.window = []
-        return mean
+def _gather_losses(rows) -> np.ndarray:
+    """Per-step loss rows (Tensors or arrays) -> their mean over ranks as float32 numpy."""
+    rows = np.stack([np.asarray(r.asnumpy() if hasattr(r, "asnumpy") else r, np.float32) for r in rows])
+    return dist_utils.all_reduce_mean(rows)
 
 
 def batch_inputs(batch) -> tuple:
@@ -448,10 +326,7 @@ def _run(cfg, spec, rank: int, world: int, target: str) -> Dict:
     out = os.path.abspath(cfg.train.output_dir)
     main = rank == 0
     os.makedirs(out, exist_ok=True)
-    log_path = os.path.join(out, "log.jsonl")
-    accum = int(cfg.optim.accum_iter)
-    if accum < 1:
-        raise ValueError(f"optim.accum_iter must be >= 1, got {accum}")
+    accum = runs.accum_steps(cfg)
     use_jit = cfg.train.compile is not False  # None (the default) means graph mode, MindSpore's fast path
     precision = resolve_precision(cfg.train.precision, target, use_jit=use_jit)
 
@@ -464,31 +339,23 @@ def _run(cfg, spec, rank: int, world: int, target: str) -> Dict:
 
     loader, sampler = data_mod.build_pretrain_loader(cfg, spec, rank=rank, world=world,
                                                      static_plans=use_jit)
-    steps_per_epoch = sampler.batches_per_epoch // accum
-    if steps_per_epoch < 1:
-        raise ValueError(f"{sampler.batches_per_epoch} micro-batches per epoch on each rank are fewer than "
-                         f"optim.accum_iter {accum}: no optimizer step fits in an epoch")
-    total = int(cfg.train.max_steps) if cfg.train.max_steps is not None else int(cfg.optim.epochs) * steps_per_epoch
+    steps_per_epoch, total = runs.plan_steps(cfg, sampler.batches_per_epoch, accum)
     base_lr = cfg.resolved_lr(world)
 
     step = 0
-    last_ckpt = ckpt.latest_checkpoint(out)
-    if last_ckpt is not None:
-        payload = ckpt.load_checkpoint(last_ckpt)
-        ckpt.check_model_state(last_ckpt, payload["model"], model.state_shapes())
+    last_ckpt, payload = runs.load_latest(ckpt, out, model.state_shapes)
+    if payload is not None:
         model.import_state(payload["model"])
         load_optimizer_state(optimizer, payload["optimizer"], last_ckpt)
         load_scaler_state(scaler, payload.get("scaler"))
         step = int(payload["step"])
         del payload
-    if main:
-        write_config(cfg, os.path.join(out, "config.yaml"))
-        _trim_log(log_path, step)
+    log_path = runs.start_output(cfg, out, step, main)
     dist_utils.barrier()
 
     if step >= total:
         loader.close()
-        return {"step": step, "loss": _last_logged_loss(log_path), "checkpoint": last_ckpt, "output_dir": out}
+        return {"step": step, "loss": runs.last_logged_loss(log_path), "checkpoint": last_ckpt, "output_dir": out}
 
     apply_mixed_precision(model, precision, use_jit=use_jit)
     model.set_train(True)
@@ -496,30 +363,21 @@ def _run(cfg, spec, rank: int, world: int, target: str) -> Dict:
     stepper = TrainStep(model, optimizer, accum, scaler=scaler, reducer=reducer, clip_grad=cfg.optim.clip_grad,
                         use_jit=use_jit)
 
-    tracker = _LossTracker(out, steps_per_epoch)
+    tracker = runs.LossTracker(out, steps_per_epoch, _gather_losses, ckpt.latest_checkpoint)
     sync_every_step = target == "CPU"  # the check costs no device sync there
-    log_every = max(1, int(cfg.train.log_every))
-    save_every = int(cfg.train.save_every_steps) if cfg.train.save_every_steps else 0
-    save_epochs = int(cfg.train.save_every_epochs) if cfg.train.save_every_epochs else 0
-    images_per_step = cfg.data.batch_size * accum * world
-    bar = None
-    if main and _show_progress(cfg.train.progress):
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+    log_every, save_every, save_epochs = runs.loop_intervals(cfg)
+
+    def states():
+        return model.export_state(), optimizer_state(optimizer), scaler_state(scaler)
 
     def save(at_step: int) -> str:
         tracker.fetch()  # raises before anything is written if a loss went non-finite
-        path = os.path.join(out, ckpt.checkpoint_name(at_step))
-        if main:
-            ckpt.save_checkpoint(path, {
-                "model": model.export_state(), "optimizer": optimizer_state(optimizer),
-                "scaler": scaler_state(scaler), "step": at_step, "epoch": at_step // steps_per_epoch,
-                "config": config_to_dict(cfg)})
-            ckpt.prune_checkpoints(out, int(cfg.train.keep_checkpoints))
+        path = runs.save_run_checkpoint(ckpt, out, at_step, steps_per_epoch, cfg, states, main)
         dist_utils.barrier()
         return path
 
-    t_window, steps_in_window = time.perf_counter(), 0
+    logger = runs.StepLogger(log_path, total, step, steps_per_epoch, cfg.data.batch_size * accum * world, main,
+                             cfg.train.progress)
     saved_at = None
     try:
         while step < total:
@@ -542,37 +400,17 @@ def _run(cfg, spec, rank: int, world: int, target: str) -> Dict:
                 stepper.update(acc)
                 acc = None
                 step += 1
-                steps_in_window += 1
                 tracker.add(step_row, step)
                 if sync_every_step:
                     tracker.fetch()
-                if bar is not None:
-                    bar.update(1)
+                logger.step_done()
 
                 if step % log_every == 0 or step == total:
-                    mean = tracker.take_window()
-                    elapsed = time.perf_counter() - t_window
-                    record = {"step": step, "epoch": (step - 1) // steps_per_epoch, "loss": float(mean[0])}
-                    for k, v in enumerate(mean[1:]):
-                        record[f"loss_b{k}"] = float(v)
-                    record["lr"] = float(schedule.lr_for_step(step - 1, steps_per_epoch, base_lr, cfg.optim.min_lr,
-                                                              cfg.optim.warmup_epochs, cfg.optim.epochs))
-                    record["images_per_s"] = images_per_step * steps_in_window / max(elapsed, 1e-9)
-                    record["step_time_s"] = elapsed / steps_in_window
-                    if main:
-                        with open(log_path, "a") as f:
-                            f.write(json.dumps(record) + "\n")
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                            ips=f"{record['images_per_s']:.0f}")
-                        else:
-                            print(f"step {step}/{total} epoch {record['epoch']} loss {record['loss']:.4f} "
-                                  f"lr {record['lr']:.3e} {record['images_per_s']:.1f} img/s", flush=True)
-                    t_window, steps_in_window = time.perf_counter(), 0
+                    logger.log(step, tracker.take_window(),
+                               schedule.lr_for_step(step - 1, steps_per_epoch, base_lr, cfg.optim.min_lr,
+                                                    cfg.optim.warmup_epochs, cfg.optim.epochs))
 
-                epoch_done = step % steps_per_epoch == 0
-                if step == total or (save_every and step % save_every == 0) or \
-                        (epoch_done and save_epochs and (step // steps_per_epoch) % save_epochs == 0):
+                if runs.save_due(step, total, steps_per_epoch, save_every, save_epochs):
                     last_ckpt = save(step)
                     saved_at = step
                 if step >= total:
@@ -582,7 +420,5 @@ def _run(cfg, spec, rank: int, world: int, target: str) -> Dict:
         tracker.fetch()
     finally:
         loader.close()
-        if bar is not None:
-            bar.close()
-    loss = float(tracker.last_row[0]) if tracker.last_row is not None else None
-    return {"step": step, "loss": loss, "checkpoint": last_ckpt, "output_dir": out}
+        logger.close()
+    return {"step": step, "loss": tracker.last_loss, "checkpoint": last_ckpt, "output_dir": out}

@@ -1,29 +1,14 @@
 """LocalMIM pretraining loop for PyTorch: one process or torchrun + DistributedDataParallel.
 
-run_pretrain(cfg) trains the model of `cfg.build_spec()` on `cfg.data.path` and writes into
-`cfg.train.output_dir`:
-- config.yaml   the resolved config;
-- log.jsonl     one object per logged step: step, epoch, loss, loss_b0..loss_b3, lr, images_per_s,
-                step_time_s (losses: mean over the optimizer steps since the previous line, each
-                step's loss being the mean of its micro-batches and of all ranks);
-- checkpoint-<step>.pth (see checkpoint.py), the newest `keep_checkpoints` kept.
-
-Counting: `step` is the number of optimizer steps done; steps_per_epoch = micro-batches per epoch
-// accum_iter (left-over micro-batches of an epoch are skipped, as in the reference); the lr of
-optimizer step s is core.schedule.lr_for_step(s, steps_per_epoch, ...). A run stops after
-`train.max_steps` steps in total when set, else after `optim.epochs` epochs. Rerunning with the
-same output folder resumes from its newest checkpoint and reproduces the uninterrupted run: data
-order, augmentation and masks are functions of (seed, epoch, index), not of saved RNG state.
+run_pretrain(cfg) trains the model of `cfg.build_spec()` on `cfg.data.path` and writes
+config.yaml, log.jsonl and checkpoint-<step>.pth into `cfg.train.output_dir`; backends/runs.py
+describes those files, the step counting and resumption (the framework-free half of the loop).
+The lr of each step is set on the torch param groups (lr x the group's lr_scale) before it.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import os
-import sys
-import tempfile
-import time
 import warnings
 from typing import Dict, List, Optional
 
@@ -31,6 +16,8 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from localmim.backends import runs
+from localmim.backends.runs import LOG_KEYS, NonFiniteLossError, config_to_dict, write_config  # noqa: F401
 from localmim.backends.torch import checkpoint as ckpt
 from localmim.backends.torch import data as data_mod
 from localmim.backends.torch import distributed as dist_utils
@@ -46,13 +33,6 @@ __all__ = [
 # On CPU a per-step finiteness check costs nothing, so a bad loss is caught at once; on accelerators
 # the losses stay on the device until the next log line or checkpoint (no host sync in the step).
 CHECK_EVERY_STEP_ON_CPU = True
-
-LOG_KEYS = ("step", "epoch", "loss", "loss_b0", "loss_b1", "loss_b2", "loss_b3", "lr", "images_per_s",
-            "step_time_s")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the run stopped without writing a checkpoint."""
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -125,133 +105,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
-def config_to_dict(cfg) -> Dict:
-    """The config as plain nested dicts/lists (what checkpoints and config.yaml hold)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_config(cfg, path: str) -> None:
-    """config.yaml via core.config.save_config when present, else a YAML dump of the dataclass."""
-    try:
-        from localmim.core.config import save_config
-    except ImportError:
-        save_config = None
-    if save_config is not None:
-        save_config(cfg, path)
-        return
-    import yaml
-    _atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-
-def _trim_log(path: str, last_step: int) -> None:
-    """Drop log lines past `last_step` (written after the checkpoint a resumed run starts from)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= last_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue  # a torn last line from a killed run
-    if kept != lines:
-        _atomic_write_text(path, "".join(kept))
-
-
-def _last_logged_loss(path: str) -> Optional[float]:
-    if not os.path.exists(path):
-        return None
-    loss = None
-    with open(path) as f:
-        for line in f:
-            try:
-                loss = float(json.loads(line)["loss"])
-            except (ValueError, KeyError, TypeError):
-                pass
-    return loss
-
-
-# Keys that may change between a run and its resumption without changing its numbers.
-_RESUME_FREE_KEYS = {"data.num_workers", "train.output_dir", "train.max_steps", "train.log_every",
-                     "train.save_every_steps", "train.save_every_epochs", "train.keep_checkpoints",
-                     "train.progress", "train.compile", "train.device"}
-
-
-def _changed_keys(saved: Dict, current: Dict) -> List[str]:
-    """Dotted config keys whose values differ between a checkpoint's config and this run's."""
-    changed = []
-    for section, body in current.items():
-        old = saved.get(section, {}) if isinstance(saved, dict) else {}
-        for key, value in body.items():
-            name = f"{section}.{key}"
-            if name not in _RESUME_FREE_KEYS and old.get(key, value) != value:
-                changed.append(f"{name} ({old.get(key)!r} -> {value!r})")
-    return changed
-
-
-def _show_progress(setting: Optional[bool]) -> bool:
-    if setting is not None:
-        return bool(setting)
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
-
-
 # ---------------------------------------------------------------------------------------- loop
-class _LossTracker:
-    """Per-step [loss, loss_b0..] rows kept on the device; fetched (one sync) only when asked.
-
-    fetch() all-reduces the pending rows over ranks, so every rank takes the same decision about a
-    non-finite loss, and raises NonFiniteLossError naming the first bad step.
-    """
-
-    def __init__(self, output_dir: str, steps_per_epoch: int):
-        self.pending: List[torch.Tensor] = []
-        self.pending_steps: List[int] = []
-        self.window: List[np.ndarray] = []
-        self.output_dir = output_dir
-        self.steps_per_epoch = steps_per_epoch
-        self.last_row: Optional[np.ndarray] = None
-
-    def add(self, row: torch.Tensor, step: int) -> None:
-        self.pending.append(row)
-        self.pending_steps.append(step)
-
-    def fetch(self) -> None:
-        if not self.pending:
-            return
-        rows = dist_utils.all_reduce_mean(torch.stack(self.pending)).double().cpu().numpy()
-        bad = ~np.isfinite(rows).all(axis=1)
-        if bad.any():
-            step = self.pending_steps[int(np.argmax(bad))]
-            last = ckpt.latest_checkpoint(self.output_dir)
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} (epoch {(step - 1) // self.steps_per_epoch}); "
-                f"last good checkpoint: {last if last else 'none'}")
-        self.window.extend(rows)
-        self.last_row = rows[-1]
-        self.pending, self.pending_steps = [], []
-
-    def take_window(self) -> np.ndarray:
-        self.fetch()
-        mean = np.mean(np.stack(self.window), axis=0)
-        self.window = []
-        return mean
+def _gather_losses(rows: List[torch.Tensor]) -> np.ndarray:
+    """Per-step loss rows kept on the device -> their mean over ranks as float64 numpy (one sync)."""
+    return dist_utils.all_reduce_mean(torch.stack(rows)).double().cpu().numpy()
 
 
 def run_pretrain(cfg) -> Dict:
@@ -276,10 +133,7 @@ def _run(cfg, spec, rank: int, world: int, device: torch.device) -> Dict:
     if main:
         os.makedirs(out, exist_ok=True)
     dist_utils.barrier()
-    log_path = os.path.join(out, "log.jsonl")
-    accum = int(cfg.optim.accum_iter)
-    if accum < 1:
-        raise ValueError(f"optim.accum_iter must be >= 1, got {accum}")
+    accum = runs.accum_steps(cfg)
     precision = resolve_precision(cfg.train.precision, device)
 
     torch.manual_seed(int(cfg.train.seed))
@@ -289,35 +143,27 @@ def _run(cfg, spec, rank: int, world: int, device: torch.device) -> Dict:
 
     loader, sampler = data_mod.build_pretrain_loader(cfg, spec, rank=rank, world=world,
                                                      pin_memory=device.type == "cuda")
-    steps_per_epoch = sampler.batches_per_epoch // accum
-    if steps_per_epoch < 1:
-        raise ValueError(f"{sampler.batches_per_epoch} micro-batches per epoch on each rank are fewer than "
-                         f"optim.accum_iter {accum}: no optimizer step fits in an epoch")
-    total = int(cfg.train.max_steps) if cfg.train.max_steps is not None else int(cfg.optim.epochs) * steps_per_epoch
+    steps_per_epoch, total = runs.plan_steps(cfg, sampler.batches_per_epoch, accum)
     base_lr = cfg.resolved_lr(world)
 
     step = 0
-    last_ckpt = ckpt.latest_checkpoint(out)
-    if last_ckpt is not None:
-        payload = ckpt.load_checkpoint(last_ckpt)
-        ckpt.check_model_state(last_ckpt, payload["model"], model.state_dict())
+    last_ckpt, payload = runs.load_latest(ckpt, out, model.state_dict)
+    if payload is not None:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         if scaler is not None and payload.get("scaler"):
             scaler.load_state_dict(payload["scaler"])
         step = int(payload["step"])
-        changed = _changed_keys(payload.get("config") or {}, config_to_dict(cfg))
+        changed = runs.changed_config_keys(payload.get("config") or {}, config_to_dict(cfg))
         if changed and main:
             warnings.warn(f"resuming from {last_ckpt} with a different config: {', '.join(changed)}; the run "
                           f"will not reproduce an uninterrupted one", RuntimeWarning, stacklevel=2)
         del payload
-    if main:
-        write_config(cfg, os.path.join(out, "config.yaml"))
-        _trim_log(log_path, step)
+    log_path = runs.start_output(cfg, out, step, main)
     dist_utils.barrier()
 
     if step >= total:
-        return {"step": step, "loss": _last_logged_loss(log_path), "checkpoint": last_ckpt, "output_dir": out}
+        return {"step": step, "loss": runs.last_logged_loss(log_path), "checkpoint": last_ckpt, "output_dir": out}
 
     net = model
     if world > 1:
@@ -327,32 +173,23 @@ def _run(cfg, spec, rank: int, world: int, device: torch.device) -> Dict:
                                       find_unused_parameters=unused)
     fwd = torch.compile(net) if cfg.train.compile else net
 
-    tracker = _LossTracker(out, steps_per_epoch)
+    tracker = runs.LossTracker(out, steps_per_epoch, _gather_losses, ckpt.latest_checkpoint)
     sync_every_step = device.type == "cpu" and CHECK_EVERY_STEP_ON_CPU
-    log_every = max(1, int(cfg.train.log_every))
-    save_every = int(cfg.train.save_every_steps) if cfg.train.save_every_steps else 0
-    save_epochs = int(cfg.train.save_every_epochs) if cfg.train.save_every_epochs else 0
-    images_per_step = cfg.data.batch_size * accum * world
-    bar = None
-    if main and _show_progress(cfg.train.progress):
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+    log_every, save_every, save_epochs = runs.loop_intervals(cfg)
+
+    def states():
+        return model.state_dict(), optimizer.state_dict(), scaler.state_dict() if scaler is not None else None
 
     def save(at_step: int) -> str:
         tracker.fetch()  # raises before anything is written if a loss went non-finite
-        path = os.path.join(out, ckpt.checkpoint_name(at_step))
-        if main:
-            ckpt.save_checkpoint(path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "step": at_step, "epoch": at_step // steps_per_epoch, "config": config_to_dict(cfg)})
-            ckpt.prune_checkpoints(out, int(cfg.train.keep_checkpoints))
+        path = runs.save_run_checkpoint(ckpt, out, at_step, steps_per_epoch, cfg, states, main)
         dist_utils.barrier()
         return path
 
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    t_window, steps_in_window = time.perf_counter(), 0
+    logger = runs.StepLogger(log_path, total, step, steps_per_epoch, cfg.data.batch_size * accum * world, main,
+                             cfg.train.progress)
     step_row = None
     saved_at = None
     while step < total:
@@ -387,46 +224,23 @@ def _run(cfg, spec, rank: int, world: int, device: torch.device) -> Dict:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            steps_in_window += 1
             tracker.add(step_row, step)
             if sync_every_step:
                 tracker.fetch()
-            if bar is not None:
-                bar.update(1)
+            logger.step_done()
 
             if step % log_every == 0 or step == total:
-                mean = tracker.take_window()
-                elapsed = time.perf_counter() - t_window
-                record = {"step": step, "epoch": (step - 1) // steps_per_epoch, "loss": float(mean[0])}
-                for k, v in enumerate(mean[1:]):
-                    record[f"loss_b{k}"] = float(v)
-                record["lr"] = float(optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0))
-                record["images_per_s"] = images_per_step * steps_in_window / max(elapsed, 1e-9)
-                record["step_time_s"] = elapsed / steps_in_window
-                if main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                        ips=f"{record['images_per_s']:.0f}")
-                    else:
-                        print(f"step {step}/{total} epoch {record['epoch']} loss {record['loss']:.4f} "
-                              f"lr {record['lr']:.3e} {record['images_per_s']:.1f} img/s", flush=True)
-                t_window, steps_in_window = time.perf_counter(), 0
+                group = optimizer.param_groups[0]
+                logger.log(step, tracker.take_window(), group["lr"] / group.get("lr_scale", 1.0))
 
-            epoch_done = step % steps_per_epoch == 0
-            if step == total or (save_every and step % save_every == 0) or \
-                    (epoch_done and save_epochs and (step // steps_per_epoch) % save_epochs == 0):
+            if runs.save_due(step, total, steps_per_epoch, save_every, save_epochs):
                 last_ckpt = save(step)
                 saved_at = step
-                if steps_in_window == 0:
-                    t_window = time.perf_counter()  # keep checkpoint writing out of images_per_s
+                logger.restart_clock_if_empty()  # keep checkpoint writing out of images_per_s
             if step >= total:
                 break
     if saved_at != step:
         last_ckpt = save(step)
     tracker.fetch()
-    if bar is not None:
-        bar.close()
-    loss = float(tracker.last_row[0]) if tracker.last_row is not None else None
-    return {"step": step, "loss": loss, "checkpoint": last_ckpt, "output_dir": out}
+    logger.close()
+    return {"step": step, "loss": tracker.last_loss, "checkpoint": last_ckpt, "output_dir": out}

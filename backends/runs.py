@@ -1,0 +1,435 @@
+"""Framework-neutral parts of a pretraining run, shared by the torch and MindSpore backends.
+
+What a run writes into `cfg.train.output_dir` (the same with both backends):
+- config.yaml   the resolved config;
+- log.jsonl     one object per logged step: step, epoch, loss, loss_b0..loss_b3, lr, images_per_s,
+                step_time_s (losses: mean over the optimizer steps since the previous line, each
+                step's loss being the mean of its micro-batches and of all ranks);
+- checkpoint-<step><ext> (ext ".pth" for torch, ".ckpt" for MindSpore; see each backend's
+                checkpoint.py), the newest `train.keep_checkpoints` kept.
+
+Counting: `step` is the number of optimizer steps done; steps_per_epoch = micro-batches per epoch
+// accum_iter (left-over micro-batches of an epoch are skipped, as in the reference); the lr of
+optimizer step s is core.schedule.lr_for_step(s, steps_per_epoch, ...). A run stops after
+`train.max_steps` steps in total when set, else after `optim.epochs` epochs. Rerunning with the
+same output folder resumes from its newest checkpoint and reproduces the uninterrupted run: data
+order, augmentation and masks are functions of (seed, epoch, index), not of saved RNG state.
+
+This module owns everything about that folder and the loop that does not touch a framework:
+atomic file writes, checkpoint naming / listing / pruning, the model-state key check, log.jsonl
+writing and trimming at resume, the per-step loss tracker, the config-change check at resume and
+the step / checkpoint schedule. It imports numpy, json, yaml (through core.config) and
+localmim.core only, never torch or mindspore.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from localmim.core.config import save_config
+
+__all__ = [
+    "CHECKPOINT_KEYS", "LOG_KEYS", "RESUME_FREE_KEYS", "CheckpointError", "NonFiniteLossError",
+    "write_atomically", "write_text_atomically", "CheckpointFiles", "require_keys", "check_model_state",
+    "load_latest", "config_to_dict", "write_config", "trim_log", "last_logged_loss", "changed_config_keys",
+    "show_progress", "accum_steps", "plan_steps", "loop_intervals", "save_due", "start_output",
+    "save_run_checkpoint", "LossTracker", "StepLogger",
+]
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "step", "epoch", "config")
+LOG_KEYS = ("step", "epoch", "loss", "loss_b0", "loss_b1", "loss_b2", "loss_b3", "lr", "images_per_s",
+            "step_time_s")
+# Keys that may change between a run and its resumption without changing its numbers.
+RESUME_FREE_KEYS = frozenset({"data.num_workers", "train.output_dir", "train.max_steps", "train.log_every",
+                              "train.save_every_steps", "train.save_every_epochs", "train.keep_checkpoints",
+                              "train.progress", "train.compile", "train.device"})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, corrupt, foreign or made for another model."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the run stopped without writing a checkpoint."""
+
+
+# ---------------------------------------------------------------------------------------- files
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: str, write: Callable[[str], None], suffix: str = "") -> str:
+    """Create `path` by `write(tmp_path)` into a temp file of the same folder, fsync, os.replace.
+
+    The temp name starts with '.tmp-' (checkpoint discovery ignores it) and ends with `suffix`
+    (MindSpore wants '.ckpt'). A crash at any point leaves the old file or the complete new one,
+    never half a file; a failed `write` removes the temp file and re-raises. Returns `path`.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+    return path
+
+
+def write_text_atomically(path: str, text: str) -> str:
+    """write_atomically for a text file."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+    return write_atomically(path, write)
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+class CheckpointFiles:
+    """The `checkpoint-<step><ext>` files of a run's output folder (ext with its dot: ".pth", ".ckpt").
+
+    Backends bind the methods as their module functions (checkpoint_name, list_checkpoints, ...).
+    """
+
+    def __init__(self, ext: str):
+        self.ext = ext
+        self._pattern = re.compile(r"^checkpoint-(\d+)" + re.escape(ext) + "$")
+
+    def name(self, step: int) -> str:
+        """File name of the checkpoint written after `step` optimizer steps."""
+        return f"checkpoint-{int(step)}{self.ext}"
+
+    def list(self, folder: str) -> List[Tuple[int, str]]:
+        """All checkpoint files in `folder` as (step, path), oldest step first."""
+        if not folder or not os.path.isdir(folder):
+            return []
+        found = []
+        for name in os.listdir(folder):
+            m = self._pattern.match(name)
+            if m:
+                found.append((int(m.group(1)), os.path.join(folder, name)))
+        return sorted(found)
+
+    def latest(self, folder: str) -> Optional[str]:
+        """Path of the checkpoint with the highest step in `folder`, or None."""
+        found = self.list(folder)
+        return found[-1][1] if found else None
+
+    def prune(self, folder: str, keep: int) -> List[str]:
+        """Delete all but the newest `keep` checkpoints (keep <= 0 keeps all). Returns removed paths."""
+        if keep is None or keep <= 0:
+            return []
+        removed = []
+        for _, path in self.list(folder)[:-keep]:
+            os.remove(path)
+            removed.append(path)
+        return removed
+
+
+def require_keys(path: str, payload: Mapping, require: Iterable[str], backend: str, found: str) -> None:
+    """Raise CheckpointError when `payload` lacks any of the `require` keys.
+
+    backend: "PyTorch" / "MindSpore" (for the message); found: what the file holds, for the message.
+    """
+    missing = [k for k in require if k not in payload]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} is not a localmim {backend} training checkpoint: missing keys {missing} ({found})")
+
+
+def _short(items: List[str], limit: int = 8) -> str:
+    head = ", ".join(items[:limit])
+    return f"[{head}{', ... %d more' % (len(items) - limit) if len(items) > limit else ''}]"
+
+
+def check_model_state(path: str, state: Mapping[str, object], expected: Mapping[str, Sequence[int]]) -> None:
+    """Raise CheckpointError naming missing, unexpected and mis-shaped keys of `state` vs `expected`.
+
+    state: {name: array-like} (numpy, torch or MindSpore). expected: {name: shape} of the model.
+    path: only used in the message (the file the state came from). The message format is the one
+    both backends have always used (not core.state.check_state's, which tools print differently).
+    """
+    shape_of = {k: tuple(np.shape(v)) for k, v in state.items()}
+    want = {k: tuple(v) for k, v in expected.items()}
+    missing = sorted(set(want) - set(shape_of))
+    unexpected = sorted(set(shape_of) - set(want))
+    shapes = sorted(f"{k}: {shape_of[k]} vs model {want[k]}" for k in want if k in shape_of and shape_of[k] != want[k])
+    parts = [f"{label} keys {_short(keys)}" for label, keys in
+             (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
+    if parts:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(parts))
+
+
+# ---------------------------------------------------------------------------------------- config
+def config_to_dict(cfg) -> Dict:
+    """The config as plain nested dicts/lists (what checkpoints and config.yaml hold)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def write_config(cfg, path: str) -> None:
+    """config.yaml of a run (core.config.save_config)."""
+    save_config(cfg, path)
+
+
+def changed_config_keys(saved: Dict, current: Dict) -> List[str]:
+    """Dotted config keys whose values differ between a checkpoint's config and this run's,
+    as 'section.key (old -> new)', ignoring RESUME_FREE_KEYS and keys the saved config lacks."""
+    changed = []
+    for section, body in current.items():
+        old = saved.get(section, {}) if isinstance(saved, dict) else {}
+        for key, value in body.items():
+            name = f"{section}.{key}"
+            if name not in RESUME_FREE_KEYS and old.get(key, value) != value:
+                changed.append(f"{name} ({old.get(key)!r} -> {value!r})")
+    return changed
+
+
+# ---------------------------------------------------------------------------------------- log.jsonl
+def _parse(line: str):
+    """A log.jsonl line as its object, or None when it does not parse (a torn last line)."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def trim_log(path: str, last_step: int) -> None:
+    """Drop log lines past `last_step` (written after the checkpoint a resumed run starts from)
+    and lines that do not parse (a torn last line from a killed run)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if _parse(line)["step"] <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (KeyError, TypeError):
+            continue
+    if kept != lines:
+        write_text_atomically(path, "".join(kept))
+
+
+def last_logged_loss(path: str) -> Optional[float]:
+    """The loss of the last line of log.jsonl that has one, or None."""
+    if not os.path.exists(path):
+        return None
+    loss = None
+    with open(path) as f:
+        for line in f:
+            try:
+                loss = float(_parse(line)["loss"])
+            except (ValueError, KeyError, TypeError):
+                pass
+    return loss
+
+
+def show_progress(setting: Optional[bool]) -> bool:
+    """train.progress: True / False, or None = a progress bar when stderr is a terminal."""
+    if setting is not None:
+        return bool(setting)
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+# ---------------------------------------------------------------------------------------- schedule
+def accum_steps(cfg) -> int:
+    """optim.accum_iter, checked to be >= 1."""
+    accum = int(cfg.optim.accum_iter)
+    if accum < 1:
+        raise ValueError(f"optim.accum_iter must be >= 1, got {accum}")
+    return accum
+
+
+def plan_steps(cfg, batches_per_epoch: int, accum: int) -> Tuple[int, int]:
+    """(steps_per_epoch, total optimizer steps) of a run whose ranks see `batches_per_epoch`
+    micro-batches an epoch: train.max_steps when set, else optim.epochs whole epochs."""
+    steps_per_epoch = batches_per_epoch // accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"{batches_per_epoch} micro-batches per epoch on each rank are fewer than "
+                         f"optim.accum_iter {accum}: no optimizer step fits in an epoch")
+    total = int(cfg.train.max_steps) if cfg.train.max_steps is not None else int(cfg.optim.epochs) * steps_per_epoch
+    return steps_per_epoch, total
+
+
+def loop_intervals(cfg) -> Tuple[int, int, int]:
+    """(log_every, save_every_steps, save_every_epochs) with 0 meaning never for the last two."""
+    log_every = max(1, int(cfg.train.log_every))
+    save_every = int(cfg.train.save_every_steps) if cfg.train.save_every_steps else 0
+    save_epochs = int(cfg.train.save_every_epochs) if cfg.train.save_every_epochs else 0
+    return log_every, save_every, save_epochs
+
+
+def save_due(step: int, total: int, steps_per_epoch: int, save_every: int, save_epochs: int) -> bool:
+    """Whether a checkpoint is written after optimizer step `step` (the last step always is)."""
+    epoch_done = step % steps_per_epoch == 0
+    return step == total or bool(save_every and step % save_every == 0) or \
+        bool(epoch_done and save_epochs and (step // steps_per_epoch) % save_epochs == 0)
+
+
+# ---------------------------------------------------------------------------------------- run steps
+def start_output(cfg, out: str, step: int, main: bool) -> str:
+    """Write config.yaml and trim log.jsonl to `step` (rank 0 only). Returns the log.jsonl path."""
+    log_path = os.path.join(out, "log.jsonl")
+    if main:
+        write_config(cfg, os.path.join(out, "config.yaml"))
+        trim_log(log_path, step)
+    return log_path
+
+
+def load_latest(ckpt, out: str, expected: Callable[[], Mapping]) -> Tuple[Optional[str], Optional[Dict]]:
+    """(newest checkpoint of `out`, its payload) for a resumed run, or (None, None) for a new one.
+
+    ckpt: the backend's checkpoint module (latest_checkpoint, load_checkpoint, check_model_state);
+    expected(): what its check_model_state compares the payload's model state with.
+    """
+    path = ckpt.latest_checkpoint(out)
+    if path is None:
+        return None, None
+    payload = ckpt.load_checkpoint(path)
+    ckpt.check_model_state(path, payload["model"], expected())
+    return path, payload
+
+
+def save_run_checkpoint(ckpt, out: str, at_step: int, steps_per_epoch: int, cfg, states: Callable[[], Tuple],
+                        main: bool) -> str:
+    """Write `checkpoint-<at_step>` with a backend checkpoint module and prune old ones (rank 0).
+
+    ckpt: the backend's checkpoint module (checkpoint_name, save_checkpoint, prune_checkpoints).
+    states(): (model state, optimizer state, scaler state or None), only called on rank 0.
+    Returns the checkpoint path (on every rank).
+    """
+    path = os.path.join(out, ckpt.checkpoint_name(at_step))
+    if main:
+        model_state, optimizer_state, scaler_state = states()
+        ckpt.save_checkpoint(path, {
+            "model": model_state, "optimizer": optimizer_state, "scaler": scaler_state,
+            "step": at_step, "epoch": at_step // steps_per_epoch, "config": config_to_dict(cfg)})
+        ckpt.prune_checkpoints(out, int(cfg.train.keep_checkpoints))
+    return path
+
+
+class LossTracker:
+    """Per-step [loss, loss_b0..] rows, kept as the backend made them; fetched only when asked.
+
+    gather(pending rows) -> (n, 1 + branches) numpy array averaged over ranks (one host sync);
+    latest(output_dir) -> newest checkpoint path or None, for the error message. fetch() raises
+    NonFiniteLossError naming the first bad step, on every rank alike.
+    """
+
+    def __init__(self, output_dir: str, steps_per_epoch: int, gather: Callable[[List], np.ndarray],
+                 latest: Callable[[str], Optional[str]]):
+        self.pending: List = []
+        self.pending_steps: List[int] = []
+        self.window: List[np.ndarray] = []
+        self.output_dir = output_dir
+        self.steps_per_epoch = steps_per_epoch
+        self.last_row: Optional[np.ndarray] = None
+        self._gather, self._latest = gather, latest
+
+    def add(self, row, step: int) -> None:
+        self.pending.append(row)
+        self.pending_steps.append(step)
+
+    def fetch(self) -> None:
+        if not self.pending:
+            return
+        rows = self._gather(self.pending)
+        bad = ~np.isfinite(rows).all(axis=1)
+        if bad.any():
+            step = self.pending_steps[int(np.argmax(bad))]
+            last = self._latest(self.output_dir)
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} (epoch {(step - 1) // self.steps_per_epoch}); "
+                f"last good checkpoint: {last if last else 'none'}")
+        self.window.extend(rows)
+        self.last_row = rows[-1]
+        self.pending, self.pending_steps = [], []
+
+    def take_window(self) -> np.ndarray:
+        self.fetch()
+        mean = np.mean(np.stack(self.window), axis=0)
+        self.window = []
+        return mean
+
+    @property
+    def last_loss(self) -> Optional[float]:
+        """The loss of the last fetched step, or None."""
+        return float(self.last_row[0]) if self.last_row is not None else None
+
+
+class StepLogger:
+    """log.jsonl lines, the console line or tqdm bar, and the throughput window of a run.
+
+    Created where the throughput clock starts. step_done() after each optimizer step; log(step,
+    mean, lr) writes one LOG_KEYS object (mean: the tracker's window mean [loss, loss_b0..]; lr:
+    the schedule's lr of that step, without group scales) and restarts the window.
+    """
+
+    def __init__(self, log_path: str, total: int, start_step: int, steps_per_epoch: int, images_per_step: int,
+                 main: bool, progress: Optional[bool]):
+        self.log_path, self.total, self.main = log_path, total, main
+        self.steps_per_epoch, self.images_per_step = steps_per_epoch, images_per_step
+        self.bar = None
+        if main and show_progress(progress):
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.t_window, self.steps_in_window = time.perf_counter(), 0
+
+    def step_done(self) -> None:
+        self.steps_in_window += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def restart_clock_if_empty(self) -> None:
+        """Restart the throughput clock when no step is pending (keeps checkpoint writing out of it)."""
+        if self.steps_in_window == 0:
+            self.t_window = time.perf_counter()
+
+    def log(self, step: int, mean: np.ndarray, lr: float) -> Dict:
+        elapsed = time.perf_counter() - self.t_window
+        record = {"step": step, "epoch": (step - 1) // self.steps_per_epoch, "loss": float(mean[0])}
+        for k, v in enumerate(mean[1:]):
+            record[f"loss_b{k}"] = float(v)
+        record["lr"] = float(lr)
+        record["images_per_s"] = self.images_per_step * self.steps_in_window / max(elapsed, 1e-9)
+        record["step_time_s"] = elapsed / self.steps_in_window
+        if self.main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                     ips=f"{record['images_per_s']:.0f}")
+            else:
+                print(f"step {step}/{self.total} epoch {record['epoch']} loss {record['loss']:.4f} "
+                      f"lr {record['lr']:.3e} {record['images_per_s']:.1f} img/s", flush=True)
+        self.t_window, self.steps_in_window = time.perf_counter(), 0
+        return record
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
