@@ -30,6 +30,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -40,6 +41,7 @@ __all__ = [
     "CHECKPOINT_KEYS", "LOG_KEYS", "RESUME_FREE_KEYS", "CheckpointError", "NonFiniteLossError",
     "write_atomically", "write_text_atomically", "CheckpointFiles", "require_keys", "check_model_state",
     "load_latest", "config_to_dict", "write_config", "trim_log", "last_logged_loss", "changed_config_keys",
+    "warn_config_change",
     "show_progress", "accum_steps", "plan_steps", "loop_intervals", "save_due", "start_output",
     "save_run_checkpoint", "LossTracker", "StepLogger",
 ]
@@ -206,6 +208,14 @@ def changed_config_keys(saved: Dict, current: Dict) -> List[str]:
             if name not in RESUME_FREE_KEYS and old.get(key, value) != value:
                 changed.append(f"{name} ({old.get(key)!r} -> {value!r})")
     return changed
+
+
+def warn_config_change(path: str, saved: Optional[Dict], cfg, main: bool) -> None:
+    """Warn (rank 0) when a run resumes from `path` with a config that changes its numbers."""
+    changed = changed_config_keys(saved or {}, config_to_dict(cfg))
+    if changed and main:
+        warnings.warn(f"resuming from {path} with a different config: {', '.join(changed)}; the run "
+                      f"will not reproduce an uninterrupted one", RuntimeWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------- log.jsonl

@@ -349,6 +349,7 @@ def _run(cfg, spec, rank: int, world: int, target: str) -> Dict:
         load_optimizer_state(optimizer, payload["optimizer"], last_ckpt)
         load_scaler_state(scaler, payload.get("scaler"))
         step = int(payload["step"])
+        runs.warn_config_change(last_ckpt, payload.get("config"), cfg, main)
         del payload
     log_path = runs.start_output(cfg, out, step, main)
     dist_utils.barrier()

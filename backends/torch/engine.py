@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -154,10 +153,7 @@ def _run(cfg, spec, rank: int, world: int, device: torch.device) -> Dict:
         if scaler is not None and payload.get("scaler"):
             scaler.load_state_dict(payload["scaler"])
         step = int(payload["step"])
-        changed = runs.changed_config_keys(payload.get("config") or {}, config_to_dict(cfg))
-        if changed and main:
-            warnings.warn(f"resuming from {last_ckpt} with a different config: {', '.join(changed)}; the run "
-                          f"will not reproduce an uninterrupted one", RuntimeWarning, stacklevel=2)
+        runs.warn_config_change(last_ckpt, payload.get("config"), cfg, main)
         del payload
     log_path = runs.start_output(cfg, out, step, main)
     dist_utils.barrier()

@@ -326,3 +326,13 @@ def test_compiled_step_matches_pynative(runs, tmp_path):
             d = x.shape[0] // 3
             x, y = np.concatenate([x[:d], x[2 * d:]]), np.concatenate([y[:d], y[2 * d:]])
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5, err_msg=k)
+
+
+def test_resume_with_a_changed_config_warns(tmp_path):
+    """Resuming with settings that change the numbers says which ones (as the torch engine does)."""
+    data_path = _images(tmp_path / "data")
+    engine.run_pretrain(_cfg(data_path, tmp_path / "run", 1))
+    cfg = _cfg(data_path, tmp_path / "run", 2)
+    cfg.optim.lr = 2e-3
+    with pytest.warns(RuntimeWarning, match=r"different config: optim.lr \(0.001 -> 0.002\)"):
+        engine.run_pretrain(cfg)
