@@ -35,13 +35,14 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
+from localmim.core import config as core_config
 from localmim.core.config import save_config
 
 __all__ = [
     "CHECKPOINT_KEYS", "LOG_KEYS", "RESUME_FREE_KEYS", "CheckpointError", "NonFiniteLossError",
     "write_atomically", "write_text_atomically", "CheckpointFiles", "require_keys", "check_model_state",
     "load_latest", "config_to_dict", "write_config", "trim_log", "last_logged_loss", "changed_config_keys",
-    "warn_config_change",
+    "warn_config_change", "spec_from_checkpoint",
     "show_progress", "accum_steps", "plan_steps", "loop_intervals", "save_due", "start_output",
     "save_run_checkpoint", "LossTracker", "StepLogger",
 ]
@@ -208,6 +209,16 @@ def changed_config_keys(saved: Dict, current: Dict) -> List[str]:
             if name not in RESUME_FREE_KEYS and old.get(key, value) != value:
                 changed.append(f"{name} ({old.get(key)!r} -> {value!r})")
     return changed
+
+
+def spec_from_checkpoint(path: str, config: Dict):
+    """The model spec a training checkpoint's saved config describes (CheckpointError naming the
+    file when the config does not load)."""
+    try:
+        cfg = core_config.config_from_dict(config, where=f"checkpoint {path} config")
+    except core_config.ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    return cfg.build_spec()
 
 
 def warn_config_change(path: str, saved: Optional[Dict], cfg, main: bool) -> None:

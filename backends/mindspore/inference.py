@@ -8,9 +8,9 @@ import numpy as np
 import mindspore as ms
 
 from localmim.backends.mindspore import checkpoint as ckpt
-from localmim.backends.mindspore.swin import build_swin, plan_tensors
-from localmim.backends.mindspore.vit import build_model
-from localmim.core import config as core_config
+from localmim.backends import runs
+from localmim.backends.mindspore import build_model
+from localmim.backends.mindspore.swin import plan_tensors
 from localmim.core.swin_plan import SwinPlan, build_swin_plan
 
 __all__ = ["load_model", "reconstruct"]
@@ -23,12 +23,8 @@ def load_model(checkpoint_path: str) -> Tuple[object, object]:
     weights are loaded strictly (a mismatch raises CheckpointError naming the keys).
     """
     payload = ckpt.load_checkpoint(checkpoint_path, require=("model", "config"))
-    try:
-        cfg = core_config.config_from_dict(payload["config"], where=f"checkpoint {checkpoint_path} config")
-    except core_config.ConfigError as e:
-        raise ckpt.CheckpointError(str(e)) from None
-    spec = cfg.build_spec()
-    model = build_swin(spec) if spec.family == "swin" else build_model(spec)
+    spec = runs.spec_from_checkpoint(checkpoint_path, payload["config"])
+    model = build_model(spec)
     ckpt.check_model_state(checkpoint_path, payload["model"], model.state_shapes())
     model.import_state(payload["model"])
     model.set_train(False)

@@ -14,9 +14,21 @@ from localmim.core.state import check_hog_kernels, check_state
 class LocalMIMModel(nn.Cell):
     """Base of LocalMIMViT and LocalMIMSwin.
 
-    Subclasses set `spec`, `num_branches`, `cell_sizes` (target cell per branch), `target_kind`,
-    `nbins`, `hog_bias`, `norm_pix` and, for HOG targets, `hog_enc` (one frozen HOGLayer per branch).
+    `__init__(spec)` keeps the spec's branch and target facts as plain attributes (compile-time
+    constants under ms.jit); subclasses add `hog_enc` (one frozen HOGLayer per branch) for HOG.
     """
+
+    def __init__(self, spec):
+        super().__init__()
+        self.spec = spec
+        self.branch_specs = spec.branches()
+        self.num_branches = len(self.branch_specs)
+        self.cell_sizes = tuple(b.cell for b in self.branch_specs)
+        self.out_dims = spec.out_dims()
+        self.target_kind = spec.target.kind
+        self.nbins = spec.target.nbins
+        self.hog_bias = bool(spec.target.hog_bias)
+        self.norm_pix = bool(spec.target.norm_pix)
 
     def forward_targets(self, imgs) -> List[Tensor]:
         """Per-branch targets (B, L_k, out_k), float32, no gradient (HOG or pixel, §1.5, §2.8)."""

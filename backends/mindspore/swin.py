@@ -283,19 +283,10 @@ class LocalMIMSwin(LocalMIMModel):
     """
 
     def __init__(self, spec: SwinSpec):
-        super().__init__()
         if not isinstance(spec, SwinSpec):
             raise TypeError(f"LocalMIMSwin needs a core.specs.SwinSpec, got {type(spec).__name__}")
-        self.spec = spec
-        self.branch_specs = spec.branches()
-        self.num_branches = len(self.branch_specs)
+        super().__init__(spec)
         self.num_stages = spec.num_stages
-        self.cell_sizes = tuple(b.cell for b in self.branch_specs)
-        self.out_dims = spec.out_dims()
-        self.target_kind = spec.target.kind
-        self.nbins = spec.target.nbins
-        self.hog_bias = bool(spec.target.hog_bias)
-        self.norm_pix = bool(spec.target.norm_pix)
 
         self.encoder = SwinEncoder(spec)
         self.decoder = nn.CellList([

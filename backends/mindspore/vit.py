@@ -101,21 +101,12 @@ class LocalMIMViT(LocalMIMModel):
     """
 
     def __init__(self, spec: ViTSpec):
-        super().__init__()
         if not isinstance(spec, ViTSpec):
             raise TypeError(f"LocalMIMViT needs a core.specs.ViTSpec, got {type(spec).__name__}")
-        self.spec = spec
-        self.branch_specs = spec.branches()
-        self.num_branches = len(self.branch_specs)
+        super().__init__(spec)
         self.grid = spec.grid
         self.num_patches = spec.num_patches
         self.scales = tuple(b.scale for b in self.branch_specs)
-        self.cell_sizes = tuple(b.cell for b in self.branch_specs)
-        self.out_dims = spec.out_dims()
-        self.target_kind = spec.target.kind
-        self.nbins = spec.target.nbins
-        self.hog_bias = bool(spec.target.hog_bias)
-        self.norm_pix = bool(spec.target.norm_pix)
         d = spec.embed_dim
         # tap_branch[i] = branch fed by block i, or -1 (a compile-time constant under ms.jit)
         self.tap_branch = tuple(spec.taps.index(i) if i in spec.taps else -1 for i in range(spec.depth))

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 
 from localmim.backends.torch import checkpoint as ckpt
-from localmim.backends.torch.swin import build_swin, plan_tensors
-from localmim.backends.torch.vit import build_model
-from localmim.core import config as core_config
+from localmim.backends import runs
+from localmim.backends.torch import build_model
+from localmim.backends.torch.swin import plan_tensors
 from localmim.core.swin_plan import SwinPlan, build_swin_plan
 
 __all__ = ["load_model", "reconstruct"]
@@ -22,12 +22,8 @@ def load_model(checkpoint_path: str, device="cpu") -> Tuple[torch.nn.Module, obj
     loaded strictly (a mismatch raises CheckpointError naming the keys).
     """
     payload = ckpt.load_checkpoint(checkpoint_path, require=("model", "config"))
-    try:
-        cfg = core_config.config_from_dict(payload["config"], where=f"checkpoint {checkpoint_path} config")
-    except core_config.ConfigError as e:
-        raise ckpt.CheckpointError(str(e)) from None
-    spec = cfg.build_spec()
-    model = build_swin(spec) if spec.family == "swin" else build_model(spec)
+    spec = runs.spec_from_checkpoint(checkpoint_path, payload["config"])
+    model = build_model(spec)
     ckpt.check_model_state(checkpoint_path, payload["model"], model.state_dict())
     model.load_state_dict(payload["model"])
     return model.to(device).eval(), spec

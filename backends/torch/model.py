@@ -11,6 +11,18 @@ from localmim.backends.torch import targets as T
 from localmim.core.state import check_hog_kernels, check_state
 
 
+def init_linear_and_norm(module: nn.Module) -> None:
+    """§1.8 / §2.10: xavier_uniform Linear weights (a fused qkv as one matrix), zero biases;
+    LayerNorm weight 1, bias 0. Use with `module.apply`."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class LocalMIMModel(nn.Module):
     """Base of LocalMIMViT and LocalMIMSwin.
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from localmim.backends.torch import targets as T
 from localmim.backends.torch.layers import LN_EPS, Block, Mlp, PatchEmbed
-from localmim.backends.torch.model import LocalMIMModel
+from localmim.backends.torch.model import LocalMIMModel, init_linear_and_norm
 from localmim.core.pos_embed import sincos_2d
 from localmim.core.specs import SwinSpec
 from localmim.core.swin_plan import SwinPlan
@@ -277,17 +277,6 @@ class SwinDecoder(nn.Module):
         return self.pred(self.norm(x))
 
 
-def _init_linear_and_norm(module: nn.Module) -> None:
-    """§2.10: xavier_uniform Linear weights, zero biases; LayerNorm weight 1, bias 0."""
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
 class LocalMIMSwin(LocalMIMModel):
     """LocalMIM Swin pretraining model built from a `core.specs.SwinSpec` (spec §2).
 
@@ -309,7 +298,7 @@ class LocalMIMSwin(LocalMIMModel):
             for br, out in zip(self.branches, spec.out_dims())])
         for dec in self.decoder:
             nn.init.normal_(dec.mask_token, std=0.02)
-            dec.apply(_init_linear_and_norm)
+            dec.apply(init_linear_and_norm)
         if spec.target.kind == "hog":
             self.hog_enc = nn.ModuleList([T.HOGLayer(bias=spec.target.hog_bias) for _ in self.branches])
 
@@ -320,7 +309,7 @@ class LocalMIMSwin(LocalMIMModel):
         """
         w = self.encoder.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
-        self.encoder.apply(_init_linear_and_norm)
+        self.encoder.apply(init_linear_and_norm)
 
     # ------------------------------------------------------------------ forward passes
     def forward_encoder(self, imgs: torch.Tensor, plan: Mapping[str, torch.Tensor]) -> List[torch.Tensor]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from localmim.backends.torch import targets as T
 from localmim.backends.torch.layers import LN_EPS, Block, LayerNorm2d, PatchEmbed
-from localmim.backends.torch.model import LocalMIMModel
+from localmim.backends.torch.model import LocalMIMModel, init_linear_and_norm
 from localmim.core.pos_embed import sincos_2d
 from localmim.core.specs import ViTSpec
 
@@ -28,17 +28,6 @@ def _frozen_table(dim: int, grid: int) -> nn.Parameter:
     """Fixed 2-D sin-cos table (1, 1+grid^2, dim) with a zero cls row, not trainable (§1.2)."""
     table = torch.from_numpy(np.asarray(sincos_2d(dim, grid, cls_token=True), dtype=np.float32))
     return nn.Parameter(table.unsqueeze(0), requires_grad=False)
-
-
-def _init_linear_and_norm(module: nn.Module) -> None:
-    """§1.8: xavier_uniform Linear weights (fused qkv as one matrix), zero biases; LayerNorm 1/0."""
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def build_pred_head(scale: float, dim: int, out_dim: int) -> nn.Sequential:
@@ -87,7 +76,7 @@ class LocalDecoder(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         # Linear/LayerNorm init before the head exists, so the head's convs keep PyTorch defaults.
         nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(_init_linear_and_norm)
+        self.apply(init_linear_and_norm)
         self.pred = build_pred_head(scale, dim, out_dim)
 
     def forward(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -140,7 +129,7 @@ class LocalMIMViT(LocalMIMModel):
         for name, module in self.named_modules():
             if name.startswith("patch_embed"):
                 continue
-            _init_linear_and_norm(module)
+            init_linear_and_norm(module)
 
     # ------------------------------------------------------------------ forward passes
     def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> List[torch.Tensor]:
