@@ -24,13 +24,11 @@ __all__ = [
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "pretrain": ("LocalMIM pretraining from a YAML config (torch or mindspore backend)", ""),
     "finetune": ("fine-tune a pretrained encoder for classification", "the fine-tuning loop is planned"),
-    "convert": ("convert checkpoints between PyTorch, MindSpore, official LocalMIM/MAE and timm",
-                "the checkpoint converter is planned"),
+    "convert": ("convert checkpoints between PyTorch, MindSpore, official LocalMIM/MAE and timm", ""),
     "visualize": ("render a checkpoint's multi-scale reconstructions of one image as a PNG", ""),
-    "bench": ("measure training throughput (images/s, step time, memory, MFU)", "the benchmark is planned"),
+    "bench": ("measure training throughput (images/s, step time, memory, MFU)", ""),
     "demo": ("train the small demo model on the bundled photographs and render a reconstruction", ""),
-    "parity": ("compare the PyTorch and MindSpore backends on the same weights, images and masks",
-               "the parity checker is planned"),
+    "parity": ("compare the PyTorch and MindSpore backends on the same weights, images and masks", ""),
 }
 BACKENDS = ("torch", "mindspore")
 FRAMEWORK_PACKAGES = {"torch": ("torch", "torchvision", "timm"), "mindspore": ("mindspore",)}

@@ -85,20 +85,18 @@ def _reference_run(cfg, world: int, steps: int):
     return model.state_dict(), losses
 
 
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                    reason="torch.distributed with gloo is not available")
-def test_ddp_two_ranks_match_one_process_on_the_global_batch(tmp_path):
-    image_dir = tmp_path / "imgs"
+def _write_images(image_dir, n=16):
     image_dir.mkdir()
     rng = np.random.default_rng(5)
-    for i in range(16):
+    for i in range(n):
         Image.fromarray(rng.integers(0, 256, (34 + i, 38, 3), dtype=np.uint8)).save(image_dir / f"{i:02d}.png")
-    out = tmp_path / "ddp"
-    out.mkdir()
-    cfg_dict = _config_dict(str(image_dir), str(out))
+    return str(image_dir)
+
+
+def _torchrun(tmp_path, cfg_dict, out):
+    """Run ddp_worker.py on 2 gloo ranks; returns (rank0 state, rank1 state), asserted identical."""
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(cfg_dict))
-
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
@@ -106,11 +104,37 @@ def test_ddp_two_ranks_match_one_process_on_the_global_batch(tmp_path):
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", WORKER, str(cfg_path), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
     rank0 = torch.load(out / "rank0.pt", weights_only=True)
     rank1 = torch.load(out / "rank1.pt", weights_only=True)
     for k in rank0:
         assert torch.equal(rank0[k], rank1[k]), k
+    return rank0, rank1
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_ddp_swin_ranks_end_identical_and_checkpoint_them(tmp_path):
+    out = tmp_path / "ddp_swin"
+    out.mkdir()
+    cfg_dict = _config_dict(_write_images(tmp_path / "imgs"), str(out))
+    cfg_dict["model"] = {"name": "swin_tiny_test"}
+    cfg_dict["optim"]["accum_iter"] = 1
+    cfg_dict["train"]["max_steps"] = 2
+    rank0, _ = _torchrun(tmp_path, cfg_dict, out)
+    result = json.loads((out / "result.json").read_text())
+    assert result["step"] == 2
+    saved = torch.load(result["checkpoint"], weights_only=True)
+    assert all(torch.equal(saved["model"][k], rank0[k]) for k in rank0)
+    assert any(k.startswith("encoder.layers.") for k in rank0)
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_ddp_two_ranks_match_one_process_on_the_global_batch(tmp_path):
+    out = tmp_path / "ddp"
+    out.mkdir()
+    cfg_dict = _config_dict(_write_images(tmp_path / "imgs"), str(out))
+    rank0, _ = _torchrun(tmp_path, cfg_dict, out)
     result = json.loads((out / "result.json").read_text())
     assert result["step"] == 3
     saved = torch.load(result["checkpoint"], weights_only=True)
