@@ -36,7 +36,7 @@ _L2_EPS = 1e-12
 # --------------------------------------------------------------------------------------------
 # per-scale masks (reference §1.6 and §2.9)
 
-def _scale_factor(s) -> Tuple[str, int]:
+def scale_factor(s) -> Tuple[str, int]:
     """('up', k) for an integer s >= 1, ('down', k) for s == 1/k with integer k >= 2."""
     s = float(s)
     if s >= 1.0 and s == int(s):
@@ -66,7 +66,7 @@ def scale_masks(mask: np.ndarray, grid: int, scales: Sequence[float]) -> List[np
     square = mask.astype(np.float32).reshape(b, grid, grid)
     out = []
     for s in scales:
-        how, k = _scale_factor(s)
+        how, k = scale_factor(s)
         if how == "up":
             fine = np.repeat(np.repeat(square, k, axis=1), k, axis=2)
         else:

@@ -31,7 +31,11 @@ _L2_EPS = 1e-12
 
 
 def _scale_factor(s):
-    """('up', k) for an integer s >= 1, ('down', k) for s == 1/k; anything else is an error."""
+    """('up', k) for an integer s >= 1, ('down', k) for s == 1/k; anything else is an error.
+
+    core.targets.scale_factor states the same rule, but this runs inside ms.jit-compiled
+    construct code, whose parser turns core's `round()` into a float shape; keep this form.
+    """
     s = float(s)
     if s >= 1.0:
         if s != int(s):

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from localmim.core.targets import scale_factor
+
 __all__ = [
     "scale_masks", "patchify", "unpatchify", "normalize_pixels", "pixel_targets", "sobel_kernel",
     "image_gradients", "hog_histogram", "hog_targets", "masked_mse", "localmim_loss", "HOGLayer",
@@ -36,15 +38,12 @@ def scale_masks(mask: torch.Tensor, grid: int, scales: Sequence[float]) -> List[
     m = mask.float().reshape(mask.shape[0], grid, grid)
     out = []
     for s in scales:
-        if s >= 1:
-            r = int(s)
-            if r != s:
-                raise ValueError(f"scale_masks: scale {s} >= 1 must be an integer")
-            out.append(m.repeat_interleave(r, dim=1).repeat_interleave(r, dim=2).flatten(1))
+        how, k = scale_factor(s)
+        if how == "up":
+            out.append(m.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2).flatten(1))
         else:
-            k = int(round(1.0 / s))
-            if k * s != 1.0 or grid % k:
-                raise ValueError(f"scale_masks: scale {s} needs 1/s integer dividing grid {grid}")
+            if grid % k:
+                raise ValueError(f"scale_masks: scale {s} needs a grid divisible by {k}, got grid {grid}")
             out.append(F.avg_pool2d(m[:, None], k, k).flatten(1))
     return out
 
