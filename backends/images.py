@@ -8,7 +8,7 @@ Determinism (what makes resume, any worker count and either backend give the sam
 - augmentation of sample i in epoch e: `numpy.random.default_rng([seed, e, i])`;
 - mask of micro-batch b of epoch e (b counted from 0 within the epoch, on every rank) on rank r:
   `core.masking.vit_mask(core.masking.mask_rng(seed, e, b, r), B, N, ratio)`; Swin batches get one
-  `core.masking.swin_cell_mask` per batch and rank (spec §2.2) and its `core.swin_plan` plan.
+  `core.masking.swin_cell_mask` per batch and rank (docs/method.md#swin-masking) and its `core.swin_plan` plan.
 
 `localmim.backends.torch.data` and `localmim.backends.mindspore.data` subclass or re-export these;
 the classes here produce numpy arrays, the torch subclasses wrap the same arrays in tensors.
@@ -29,7 +29,7 @@ from localmim.core.swin_plan import build_swin_plan
 __all__ = [
     "IMG_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "find_images", "load_rgb",
     "random_resized_crop_params", "PretrainTransform", "PretrainDataset", "ShardedBatchSampler",
-    "MaskCollate", "SwinPlanCollate", "build_pretrain_dataset",
+    "BatchCollate", "MaskCollate", "SwinPlanCollate", "build_pretrain_dataset",
 ]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -249,18 +249,17 @@ class ShardedBatchSampler:
         return self.stop_batch - self.start_batch
 
 
-class MaskCollate:
-    """Stack images and attach the ViT mask of (seed, epoch, batch index within the epoch, rank).
+class BatchCollate:
+    """Stack images and attach the masks of (seed, epoch, batch index within the epoch, rank).
 
     Items are (image (3,S,S), epoch, batch_index) as PretrainDataset returns for sampler keys.
-    Returns numpy arrays {"images" (B,3,S,S) float32, "ids_keep" (B,K) int64, "ids_restore" (B,N)
-    int64, "mask" (B,N) float32 (1 = masked)}; a backend overrides `stack` / `wrap` to return its
-    own tensors of the same values.
+    Returns the batch contract of both backends: {"images" (B,3,S,S) float32, "masks": {name:
+    array}}, the masks being what the model takes as its second argument (`mask_arrays`). A
+    backend overrides `stack` / `wrap` to return its own tensors of the same values.
     """
 
-    def __init__(self, seed: int, rank: int, num_patches: int, mask_ratio: float):
+    def __init__(self, seed: int, rank: int):
         self.seed, self.rank = int(seed), int(rank)
-        self.num_patches, self.mask_ratio = int(num_patches), float(mask_ratio)
 
     def stack(self, images):
         """Per-sample images -> (B,3,S,S) batch."""
@@ -270,64 +269,59 @@ class MaskCollate:
         """A mask array as the backend's batch holds it (numpy here)."""
         return array
 
-    def masks(self, epoch: int, batch_index: int, batch_size: int) -> Dict[str, np.ndarray]:
-        """ids_keep (B,K) int64, ids_restore (B,N) int64, mask (B,N) float32 of one micro-batch."""
-        rng = masking.mask_rng(self.seed, epoch, batch_index, self.rank)
-        m = masking.vit_mask(rng, batch_size, self.num_patches, self.mask_ratio)
-        return {
-            "ids_keep": np.asarray(m.ids_keep, dtype=np.int64),
-            "ids_restore": np.asarray(m.ids_restore, dtype=np.int64),
-            "mask": np.asarray(m.mask, dtype=np.float32),
-        }
+    def mask_arrays(self, epoch: int, batch_index: int, batch_size: int) -> Dict[str, np.ndarray]:
+        raise NotImplementedError
 
     def __call__(self, items) -> Dict:
         images = self.stack([it[0] for it in items])
         epoch, batch_index = items[0][1], items[0][2]
-        batch = {"images": images}
-        for k, v in self.masks(epoch, batch_index, len(items)).items():
-            batch[k] = self.wrap(v)
-        return batch
+        masks = {k: self.wrap(v) for k, v in self.mask_arrays(epoch, batch_index, len(items)).items()}
+        return {"images": images, "masks": masks}
 
 
-class SwinPlanCollate:
-    """Stack images and attach the Swin grouping plan of the batch's cell mask.
+class MaskCollate(BatchCollate):
+    """ViT batches: masks {"ids_keep" (B,K) int64, "ids_restore" (B,N) int64, "mask" (B,N)
+    float32 (1 = masked)}, one random mask per sample."""
+
+    mask_keys = ("ids_keep", "ids_restore", "mask")
+
+    def __init__(self, seed: int, rank: int, num_patches: int, mask_ratio: float):
+        super().__init__(seed, rank)
+        self.num_patches, self.mask_ratio = int(num_patches), float(mask_ratio)
+
+    def mask_arrays(self, epoch: int, batch_index: int, batch_size: int) -> Dict[str, np.ndarray]:
+        """ids_keep (B,K) int64, ids_restore (B,N) int64, mask (B,N) float32 of one micro-batch."""
+        rng = masking.mask_rng(self.seed, epoch, batch_index, self.rank)
+        return masking.vit_mask(rng, batch_size, self.num_patches, self.mask_ratio).as_dict()
+
+
+class SwinPlanCollate(BatchCollate):
+    """Swin batches: masks = the grouping plan of the batch's cell mask.
 
     The mask of (seed, epoch, batch index within the epoch, rank) is one cell mask for the whole
     per-rank batch; the plan (window grouping, merge and scatter indices) is built here, off the
-    training step, and travels as a dict of C-contiguous arrays under "plan". pad_groups_to /
-    group_size: passed to build_swin_plan (None: the natural, variable shapes). A backend
-    overrides `stack` / `wrap` to return its own tensors of the same values.
+    training step, as a dict of C-contiguous arrays. pad_groups_to / group_size: passed to
+    build_swin_plan (None: the natural, variable shapes).
     """
 
     def __init__(self, seed: int, rank: int, spec, mask_ratio: float, pad_groups_to=None, group_size=None):
-        self.seed, self.rank = int(seed), int(rank)
+        super().__init__(seed, rank)
         self.spec, self.mask_ratio = spec, float(mask_ratio)
         self.pad_groups_to, self.group_size = pad_groups_to, group_size
-
-    def stack(self, images):
-        """Per-sample images -> (B,3,S,S) batch."""
-        return np.stack(images).astype(np.float32, copy=False)
-
-    def wrap(self, array: np.ndarray):
-        """A plan array as the backend's batch holds it (numpy here)."""
-        return array
+        # the plan's keys depend on the spec only; build one plan to list them
+        probe = masking.swin_cell_mask(np.random.default_rng(0), spec.mask_grid, self.mask_ratio)
+        self.mask_keys = tuple(sorted(build_swin_plan(spec, probe).to_arrays()))
 
     def cell_mask(self, epoch: int, batch_index: int) -> np.ndarray:
         """(mask_grid**2,) bool cell mask of micro-batch `batch_index` of `epoch` on this rank."""
         rng = masking.mask_rng(self.seed, epoch, batch_index, self.rank)
         return masking.swin_cell_mask(rng, self.spec.mask_grid, self.mask_ratio)
 
-    def plan_arrays(self, epoch: int, batch_index: int) -> Dict[str, np.ndarray]:
+    def mask_arrays(self, epoch: int, batch_index: int, batch_size: int = 0) -> Dict[str, np.ndarray]:
         """The plan of micro-batch `batch_index` of `epoch` as C-contiguous numpy arrays by name."""
         plan = build_swin_plan(self.spec, self.cell_mask(epoch, batch_index),
                                pad_groups_to=self.pad_groups_to, group_size=self.group_size)
         return {k: np.ascontiguousarray(v) for k, v in plan.to_arrays().items()}
-
-    def __call__(self, items) -> Dict:
-        images = self.stack([it[0] for it in items])
-        epoch, batch_index = items[0][1], items[0][2]
-        plan = {k: self.wrap(v) for k, v in self.plan_arrays(epoch, batch_index).items()}
-        return {"images": images, "plan": plan}
 
 
 def build_pretrain_dataset(cfg, spec, dataset_cls=PretrainDataset, transform_cls=PretrainTransform):

@@ -28,7 +28,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -37,10 +36,11 @@ import numpy as np
 
 from localmim.core import config as core_config
 from localmim.core.config import save_config
+from localmim.core.files import write_text_atomically
 
 __all__ = [
     "CHECKPOINT_KEYS", "LOG_KEYS", "RESUME_FREE_KEYS", "CheckpointError", "NonFiniteLossError",
-    "write_atomically", "write_text_atomically", "CheckpointFiles", "require_keys", "check_model_state",
+    "CheckpointFiles", "require_keys", "check_model_state",
     "load_latest", "config_to_dict", "write_config", "trim_log", "last_logged_loss", "changed_config_keys",
     "warn_config_change", "spec_from_checkpoint",
     "show_progress", "accum_steps", "plan_steps", "loop_intervals", "save_due", "start_output",
@@ -62,53 +62,6 @@ class CheckpointError(ValueError):
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the run stopped without writing a checkpoint."""
-
-
-# ---------------------------------------------------------------------------------------- files
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: str, write: Callable[[str], None], suffix: str = "") -> str:
-    """Create `path` by `write(tmp_path)` into a temp file of the same folder, fsync, os.replace.
-
-    The temp name starts with '.tmp-' (checkpoint discovery ignores it) and ends with `suffix`
-    (MindSpore wants '.ckpt'). A crash at any point leaves the old file or the complete new one,
-    never half a file; a failed `write` removes the temp file and re-raises. Returns `path`.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(folder)
-    return path
-
-
-def write_text_atomically(path: str, text: str) -> str:
-    """write_atomically for a text file."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-    return write_atomically(path, write)
 
 
 # ---------------------------------------------------------------------------------------- checkpoints

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from localmim.core.files import write_text_atomically
 from localmim.core.specs import SWIN_SPECS, SpecError, TargetSpec, get_spec, list_specs
 
 __all__ = [
@@ -407,20 +407,7 @@ def config_to_dict(cfg: PretrainConfig) -> Dict[str, Dict[str, Any]]:
 
 
 def save_config(cfg: PretrainConfig, path: Union[str, os.PathLike]) -> Path:
-    """Write the resolved config as YAML atomically (temporary file, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("# localmim resolved pretraining config\n")
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write the resolved config as YAML atomically (core.files.write_text_atomically)."""
+    text = "# localmim resolved pretraining config\n" + yaml.safe_dump(
+        config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    return Path(write_text_atomically(path, text))

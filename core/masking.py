@@ -3,9 +3,9 @@
 A mask is drawn from a generator seeded by (seed, epoch, step, rank): a resumed run reproduces
 the uninterrupted one, and every rank draws its own masks.
 
-ViT (reference §1.3, MAE): per-sample argsort of uniform noise; the `K = floor(N (1 - r))`
+ViT (docs/method.md#vit-masking, MAE): per-sample argsort of uniform noise; the `K = floor(N (1 - r))`
 tokens with the smallest noise are kept, in shuffled order.
-Swin (reference §2.2): one cell mask per batch and rank, `floor(r L) + 1` of the L cells masked.
+Swin (docs/method.md#swin-masking): one cell mask per batch and rank, `floor(r L) + 1` of the L cells masked.
 
 Convention everywhere: 1 / True = masked (removed), 0 / False = visible.
 """
@@ -83,12 +83,12 @@ class VitMask:
     mask: np.ndarray
 
     def as_dict(self) -> Dict[str, np.ndarray]:
-        """{"ids_keep", "ids_restore", "mask"}: the batch-dict entries of the data loader."""
+        """{"ids_keep", "ids_restore", "mask"}: the `masks` argument of the ViT models."""
         return {"ids_keep": self.ids_keep, "ids_restore": self.ids_restore, "mask": self.mask}
 
 
 def vit_mask(rng: np.random.Generator, batch: int, num_patches: int, ratio: float) -> VitMask:
-    """Per-sample random masks, MAE style (reference §1.3).
+    """Per-sample random masks, MAE style (docs/method.md#vit-masking).
 
     noise = rng.random((B, N)); ids_shuffle = argsort(noise) (stable, smallest noise kept);
     ids_restore = argsort(ids_shuffle); ids_keep = ids_shuffle[:, :K]; the mask is [0]*K + [1]*(N-K)
@@ -117,7 +117,7 @@ def vit_mask(rng: np.random.Generator, batch: int, num_patches: int, ratio: floa
 
 
 def swin_cell_mask(rng: np.random.Generator, mask_grid: int, ratio: float) -> np.ndarray:
-    """One cell mask for a whole per-rank Swin batch (reference §2.2).
+    """One cell mask for a whole per-rank Swin batch (docs/method.md#swin-masking).
 
     The reference masks `randperm(L) <= floor(ratio * L)`, i.e. floor(ratio * L) + 1 cells
     (37 of 49 at 0.75); this reproduces that count with `rng.permutation(L)`.

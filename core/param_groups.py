@@ -7,12 +7,12 @@ groups: lists of dicts
 
 Each group's lr is the scheduled lr times `lr_scale`. Empty groups are left out.
 
-Pretraining (reference §1.9 ViT, §2.11 Swin): frozen parameters are excluded; 1-D parameters and
+Pretraining (docs/method.md#parameter-groups): frozen parameters are excluded; 1-D parameters and
 names ending in ".bias" get no weight decay; everything else does, which in ViT includes
 `cls_token` and the decoders' `mask_token`. Swin also skips names containing "position_bias" or
 "token".
 
-Fine-tuning (reference §3.1 ViT, §3.2 Swin): BEiT-style layer-wise lr decay, groups named
+Fine-tuning (docs/method.md#layer-decay): BEiT-style layer-wise lr decay, groups named
 "layer_{id}_{decay|no_decay}" with lr_scale = layer_decay ** (L - id).
 """
 from __future__ import annotations
@@ -89,7 +89,7 @@ def pretrain_param_groups(named_shapes: Shapes, weight_decay: float, family: str
 
 
 def layer_id_vit(name: str, depth: int) -> int:
-    """Layer id for ViT layer-wise lr decay (reference §3.1).
+    """Layer id for ViT layer-wise lr decay (docs/method.md#layer-decay).
 
     0 for cls_token, pos_embed and patch_embed.*; i + 1 for blocks.i.*; depth + 1 otherwise
     (fc_norm, head, ...).
@@ -105,7 +105,7 @@ def layer_id_vit(name: str, depth: int) -> int:
 
 
 def layer_id_swin(name: str, depths: Sequence[int]) -> int:
-    """Layer id for Swin layer-wise lr decay (reference §3.2, SimMIM `get_swin_layer`).
+    """Layer id for Swin layer-wise lr decay (docs/method.md#layer-decay, SimMIM `get_swin_layer`).
 
     0 for mask_token and patch_embed.*; sum(depths[:s]) + b + 1 for layers.s.blocks.b.*;
     sum(depths[:s+1]) for layers.s.downsample.*; sum(depths) + 1 otherwise (norm, head, ...).

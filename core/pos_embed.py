@@ -1,4 +1,4 @@
-"""Fixed 2-D sin-cos position tables (reference §1.2, MAE `get_2d_sincos_pos_embed`).
+"""Fixed 2-D sin-cos position tables (docs/method.md#sin-cos-position-tables, MAE `get_2d_sincos_pos_embed`).
 
 For a g x g grid flattened row-major (token index = row * g + col) and q = dim / 4,
 omega_k = 10000 ** (-k / q), k = 0..q-1, the token at (row r, col c) gets

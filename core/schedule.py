@@ -1,4 +1,4 @@
-"""Learning-rate scaling and the warmup + half-cosine schedule (reference §1.9, MAE `lr_sched`).
+"""Learning-rate scaling and the warmup + half-cosine schedule (docs/method.md#lr-schedule, MAE `lr_sched`).
 
 Units: learning rates are absolute; time is in (fractional) epochs.
 """

@@ -266,7 +266,7 @@ VIT_SPECS: Dict[str, ViTSpec] = {
     "vit_base_patch16": ViTSpec("vit_base_patch16", 16, 768, 12, 12, target=_HOG9),
     "vit_large_patch16": ViTSpec("vit_large_patch16", 16, 1024, 24, 16, target=_HOG18_BIAS),
 }
-# ViT-H/14 is not registered: with HOG cells at scale 4 it needs 3.5-px cells (spec H1);
+# ViT-H/14 is not registered: with HOG cells at scale 4 it needs 3.5-px cells (docs/method.md#h1);
 # ViTSpec("vit_huge_patch14", 14, 1280, 32, 16) raises SpecError saying so.
 
 SWIN_SPECS: Dict[str, SwinSpec] = {

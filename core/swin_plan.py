@@ -1,14 +1,15 @@
 """The integer plan of one batch's masked Swin forward (numpy only, built in the data loader).
 
 LocalMIM's Swin encoder attends among visible tokens only (GreenMIM "group window attention",
-§2.4). Everything integer about that forward depends only on the batch's cell mask (one mask per
-batch, §2.2), so it is computed here on the CPU and a backend only gathers and scatters with the
-arrays below: no Python loops over windows and no host sync inside the step.
+docs/method.md#swin-window-attention). Everything integer about that forward depends only on the
+batch's cell mask (one mask per batch, #swin-masking), so it is computed here on the CPU and a
+backend only gathers and scatters with the arrays below: no Python loops over windows and no host
+sync inside the step.
 
-Token order inside the encoder is "cell-major" (§2.3): (cell_row, cell_col, local_row, local_col)
-over the visible mask cells taken in raster order of the mask grid. Coordinates are the true ones
-at every stage (defect D1 fixed) and patch merging concatenates its 2x2 sources in Swin's order
-TL, BL, TR, BR (defect D2 fixed).
+Token order inside the encoder is "cell-major" (docs/method.md#swin-token-order): (cell_row,
+cell_col, local_row, local_col) over the visible mask cells taken in raster order of the mask grid.
+Coordinates are the true ones at every stage (defect D1 fixed) and patch merging concatenates its
+2x2 sources in Swin's order TL, BL, TR, BR (defect D2 fixed).
 
 Grouped form (both modes), for one stage and one window configuration (plain or shifted):
 
@@ -37,7 +38,7 @@ __all__ = [
     "build_swin_plan", "cell_major_coords", "window_ids", "pack_windows",
 ]
 
-MASK_VALUE = -100.0  # additive attention mask between different windows and on pads (§2.4)
+MASK_VALUE = -100.0  # additive mask between windows and on pads (docs/method.md#swin-window-attention)
 
 # Swin's PatchMerging concatenation order (row offset, col offset): x0 TL, x1 BL, x2 TR, x3 BR.
 MERGE_OFFSETS = ((0, 0), (1, 0), (0, 1), (1, 1))
@@ -116,11 +117,11 @@ class StagePlan:
 class BranchPlan:
     """Decoder k's view of the visible tokens.
 
-    source_stage: stage whose visible sequence feeds the branch (min(k + 1, last), §2.6).
+    source_stage: stage whose visible sequence feeds the branch (min(k + 1, last), docs/method.md#swin-branches).
     grid: g, tokens per side of the branch's output (raster order, g * g tokens).
     scatter: (N_vis at source_stage,) int64 raster index in the g x g grid of each visible token;
         a decoder fills (B, g*g, d) with its mask token and writes the embedded tokens there.
-    mask: (g*g,) float32, 1 = masked, the cell mask nearest-upsampled to g x g (§2.9).
+    mask: (g*g,) float32, 1 = masked, the cell mask nearest-upsampled to g x g (docs/method.md#swin-targets-and-loss).
     """
     source_stage: int
     grid: int
@@ -232,7 +233,7 @@ def cell_major_coords(cell_mask_2d: np.ndarray, cell: int) -> np.ndarray:
 
 
 def window_ids(coords: np.ndarray, resolution: int, window: int, shift: int) -> np.ndarray:
-    """Window id of each token by the offset-window formula of §2.4.
+    """Window id of each token by the offset-window formula of docs/method.md#swin-window-attention.
 
     coords: (N, 2) int64 true (row, col). Returns (N,) int64, g_row * n + g_col with
     g = (r + (w - s) % w) // w and n = resolution // w + 2 (more than the windows per side).

@@ -2,9 +2,10 @@
 
 Prints images/s, step time, peak accelerator memory and model FLOPs utilisation (MFU, ViT on
 CUDA: 3x the forward matmul FLOPs over the step time, against the GPU's dense bf16 peak).
-The step is the real one (encoder + four decoders + targets + loss + backward + AdamW with the
-core's parameter groups); images are random and masks come from the core, prepared outside the
-timed region like the data loader does.
+The step is the engine's own `TrainStep` (encoder + four decoders + targets + loss + backward +
+AdamW with the core's parameter groups, autocast / GradScaler / torch.compile as training uses
+them); images are random and masks come from the loader's collate, prepared outside the timed
+region like a prefetching data loader does.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import time
 
 import numpy as np
 
+from localmim.backends import images
 from localmim.core import masking
+from localmim.core.config import PretrainConfig
 from localmim.core.specs import TargetSpec, ViTSpec, get_spec
-from localmim.core.swin_plan import build_swin_plan
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) used for MFU; fp32 uses TF32 peaks.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -64,51 +66,36 @@ def _peak_flops(device_name: str):
     return None
 
 
-def _mask_inputs(spec, batch: int, mask_ratio: float, step: int):
-    """The arguments after the images for one step: ViT (ids_keep, ids_restore, mask) or Swin (plan,)."""
-    rng = masking.mask_rng(0, 0, step, 0)
-    if spec.family == "swin":
-        return (build_swin_plan(spec, masking.swin_cell_mask(rng, spec.mask_grid, mask_ratio)).to_arrays(),)
-    m = masking.vit_mask(rng, batch, spec.num_patches, mask_ratio)
-    return m.ids_keep, m.ids_restore, m.mask
+def synthetic_batches(spec, batch: int, mask_ratio: float, count: int = 4):
+    """`count` loader-style numpy batches {"images", "masks"}: one set of random images, the masks of
+    micro-batches 0..count-1 from the loader's own collate (ViT masks or Swin plans)."""
+    collate = (images.SwinPlanCollate(0, 0, spec, mask_ratio) if spec.family == "swin"
+               else images.MaskCollate(0, 0, spec.num_patches, mask_ratio))
+    imgs = np.random.default_rng(0).standard_normal((batch, 3, spec.img_size, spec.img_size), dtype=np.float32)
+    return [{"images": imgs, "masks": collate.mask_arrays(0, i, batch)} for i in range(count)]
 
 
 def bench_torch(spec, batch: int, steps: int, warmup: int, precision: str, compile_model: bool,
                 mask_ratio: float, device: str):
+    """Time the PyTorch engine's own TrainStep (AdamW with the pretraining parameter groups)."""
     import torch
-    from localmim.backends.torch import build_model
-    from localmim.core.param_groups import pretrain_param_groups, is_frozen_name
+    from localmim.backends.torch import build_model, engine
 
     dev = torch.device(device)
     torch.manual_seed(0)
     model = build_model(spec).to(dev)
-    named = dict(model.named_parameters())
-    groups = pretrain_param_groups({n: tuple(p.shape) for n, p in named.items()}, 0.05, spec.family,
-                                   frozen=[n for n in named if is_frozen_name(n)])
-    opt_groups = [{"params": [named[n] for n in g["params"]], "weight_decay": g["weight_decay"]} for g in groups]
-    optimizer = torch.optim.AdamW(opt_groups, lr=1e-4, betas=(0.9, 0.95), fused=dev.type == "cuda")
-    step_model = torch.compile(model) if compile_model else model
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
-
-    def to_device(x):
-        if isinstance(x, dict):
-            return {k: to_device(v) for k, v in x.items()}
-        return torch.from_numpy(np.ascontiguousarray(x)).to(dev)
-
-    rng = np.random.default_rng(0)
-    images = to_device(rng.standard_normal((batch, 3, spec.img_size, spec.img_size), dtype=np.float32))
-    # Masks (and Swin plans) are prepared outside the timed loop, as the data loader does.
-    batches = [[to_device(a) for a in _mask_inputs(spec, batch, mask_ratio, i)] for i in range(4)]
+    cfg = PretrainConfig()
+    stepper = engine.TrainStep(model, engine.build_optimizer(model, cfg, fused=dev.type == "cuda"), accum=1,
+                               precision=precision, device=dev, compile=compile_model)
+    stepper.set_lr(1e-4)
+    # Batches sit on the device before the timed loop, as a prefetching loader leaves them.
+    batches = [{"images": torch.from_numpy(b["images"]).to(dev),
+                "masks": {k: torch.from_numpy(v).to(dev) for k, v in b["masks"].items()}}
+               for b in synthetic_batches(spec, batch, mask_ratio)]
 
     def step(i):
-        with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, _ = step_model(images, *batches[i % len(batches)])
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        stepper.micro(batches[i % len(batches)])
+        return stepper.apply()
 
     for i in range(warmup):
         step(i)
@@ -117,8 +104,8 @@ def bench_torch(spec, batch: int, steps: int, warmup: int, precision: str, compi
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for i in range(steps):
-        loss = step(i)
-    final_loss = float(loss.detach())  # one sync at the end
+        row = step(i)
+    final_loss = float(row[0])  # one sync at the end
     elapsed = time.perf_counter() - start
     result = {"backend": "torch", "device": device, "step_time_s": elapsed / steps,
               "images_per_s": batch * steps / elapsed, "loss": final_loss}

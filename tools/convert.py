@@ -2,9 +2,9 @@
 
 Reads a PyTorch `.pth/.pt/.bin` (this package's training checkpoints, official LocalMIM, MAE or
 timm files), a MindSpore `.ckpt` or a `.safetensors` file, detects its family (ViT or Swin), layout
-and model size, maps it through the canonical state (core.state) and writes `.pth`, `.ckpt`,
-`.safetensors` or a timm-compatible encoder. Every write is atomic and verified by reading the file
-back.
+and model size (core.layouts), maps it through the canonical state (core.keymaps) and writes `.pth`,
+`.ckpt`, `.safetensors` or a timm-compatible encoder. Every write is atomic and verified by reading
+the file back.
 
 Swin: an official LocalMIM Swin checkpoint is recognised by its relative_position_index buffers
 (or `--from official-localmim-swin`); its patch-merging weights are permuted from the official
@@ -22,14 +22,15 @@ import argparse
 import os
 import pickle
 import sys
-import tempfile
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from localmim.core import state as S
+from localmim.core import keymaps, layouts
+from localmim.core.files import write_atomically
 from localmim.core.specs import SpecError, SwinSpec, ViTSpec
+from localmim.core.state import StateError
 
 __all__ = ["ConvertError", "add_arguments", "run", "main", "read_state", "write_state",
            "output_format", "check_models"]
@@ -130,14 +131,14 @@ def read_state(path: str, reader: Optional[Callable] = None) -> Tuple[Dict[str, 
     """Read a weights file -> (state {name: numpy array}, metadata).
 
     Unwraps "model" / "state_dict" / "module", strips DDP / torch.compile prefixes and drops the
-    optimizer and meta entries of training checkpoints (core.state.unwrap_checkpoint).
+    optimizer and meta entries of training checkpoints (core.layouts.unwrap_checkpoint).
     """
     if not os.path.isfile(path):
         raise ConvertError(f"{path}: no such file")
     obj, meta = (reader or _reader_for(path))(path)
     try:
-        raw = S.unwrap_checkpoint(obj)
-    except S.StateError as exc:
+        raw = layouts.unwrap_checkpoint(obj)
+    except StateError as exc:
         raise ConvertError(f"{path}: {exc}") from None
     return {name: _to_numpy(name, value, path) for name, value in raw.items()}, meta
 
@@ -198,20 +199,15 @@ def _verify(path: str, reader: Callable, state: Dict[str, np.ndarray], shown: st
         raise ConvertError(f"{shown}: verification failed: {len(bad)} tensor(s) changed on reload: {', '.join(bad[:8])}")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_state(dst: str, state: Dict[str, np.ndarray], fmt: str, metadata: Dict[str, str],
                 force: bool = False) -> None:
     """Write `state` to `dst` atomically, verified bit for bit before it replaces anything.
 
     fmt: "pth" ({"model": tensors}), "ckpt" (MindSpore), "safetensors" (with `metadata`) or "timm"
     (a plain state dict; .safetensors when dst ends so, else .pth). The file is written beside dst
-    under a temporary name, reloaded, compared, then renamed over dst; on any error the temporary
-    file is removed and dst is untouched. An existing dst is refused unless `force`.
+    under a temporary name, reloaded, compared, then renamed over dst (core.files.write_atomically);
+    on any error the temporary file is removed and dst is untouched. An existing dst is refused
+    unless `force`.
     """
     if fmt not in FORMATS:
         raise ConvertError(f"unknown output format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -224,26 +220,18 @@ def write_state(dst: str, state: Dict[str, np.ndarray], fmt: str, metadata: Dict
     timm_st = fmt == "timm" and dst.lower().endswith(".safetensors")
     suffix = {"pth": ".pth", "ckpt": ".ckpt", "safetensors": ".safetensors",
               "timm": ".safetensors" if timm_st else ".pth"}[fmt]
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp" + suffix, dir=folder)
-    os.close(fd)
-    try:
-        if fmt == "pth" or (fmt == "timm" and not timm_st):
-            _write_torch(tmp, state, wrap=fmt == "pth")
-            reader = _read_torch
-        elif fmt == "ckpt":
-            _write_mindspore(tmp, state)
-            reader = _read_mindspore
-        else:
-            _write_safetensors(tmp, state, metadata)
-            reader = _read_safetensors
-        _verify(tmp, reader, state, dst)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files and MindSpore read-only ones
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if fmt == "pth" or (fmt == "timm" and not timm_st):
+        write, reader = (lambda tmp: _write_torch(tmp, state, wrap=fmt == "pth")), _read_torch
+    elif fmt == "ckpt":
+        write, reader = (lambda tmp: _write_mindspore(tmp, state)), _read_mindspore
+    else:
+        write, reader = (lambda tmp: _write_safetensors(tmp, state, metadata)), _read_safetensors
+
+    def write_verified(tmp: str) -> None:
+        write(tmp)
+        _verify(tmp, reader, state, dst)  # raising here leaves dst untouched
+
+    write_atomically(dst, write_verified, suffix=suffix)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +263,7 @@ def _timm_features(state: Dict[str, np.ndarray], spec: ViTSpec, imgs: np.ndarray
     """timm ViT with `state` (timm names) on the visible tokens -> final normed tokens (B, 1+K, D)."""
     import timm
     import torch
-    kw = S.timm_kwargs(spec)
+    kw = keymaps.timm_kwargs(spec)
     model = timm.create_model(kw.pop("model_name"), **kw).eval()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
     with torch.no_grad():
@@ -287,18 +275,19 @@ def _timm_features(state: Dict[str, np.ndarray], spec: ViTSpec, imgs: np.ndarray
     return x.numpy()
 
 
-def _backend_run(backend: str, state: Dict[str, np.ndarray], spec: ViTSpec, imgs: np.ndarray,
-                 mask) -> Tuple[List[np.ndarray], Optional[float]]:
-    """Our model in `backend` with `state` (missing decoder/target keys taken from a fresh model)
-    -> (branch taps [(B, 1+K, D)], loss or None when the state has no decoders)."""
+def _backend_run(backend: str, state: Dict[str, np.ndarray], spec, imgs: np.ndarray,
+                 masks: Dict[str, np.ndarray]) -> Tuple[List[np.ndarray], Optional[float]]:
+    """Our model (ViT or Swin) in `backend` with the canonical `state` (keys it lacks come from a
+    fresh model) on `imgs` and the numpy `masks` dict (ViT: VitMask.as_dict(), Swin: a plan's
+    to_arrays()) -> (branch taps / latents, loss or None when the state has no decoders)."""
     if backend == "torch":
         import torch
-        from localmim.backends.torch.vit import build_model
+        from localmim.backends.torch import build_model
         tensor = torch.from_numpy
         to_np = lambda t: t.detach().numpy()  # noqa: E731
     else:
         import mindspore
-        from localmim.backends.mindspore.vit import build_model
+        from localmim.backends.mindspore import build_model
         tensor = mindspore.Tensor
         to_np = lambda t: t.asnumpy()  # noqa: E731
     model = build_model(spec)
@@ -306,16 +295,16 @@ def _backend_run(backend: str, state: Dict[str, np.ndarray], spec: ViTSpec, imgs
     has_decoders = all(k in state for k in full)
     full.update(state)
     model.import_state(full)
-    if hasattr(model, "eval"):
-        model.eval()
-    args = (tensor(imgs), tensor(mask.ids_keep))
+    x, masks_t = tensor(imgs), {k: tensor(np.ascontiguousarray(v)) for k, v in masks.items()}
     if backend == "torch":
+        model.eval()
         with torch.no_grad():
-            taps = [to_np(t) for t in model.forward_encoder(*args)]
-            loss = float(model(*args, tensor(mask.ids_restore), tensor(mask.mask))[0]) if has_decoders else None
+            taps = [to_np(t) for t in model.forward_encoder(x, masks_t)]
+            loss = float(to_np(model(x, masks_t)[0])) if has_decoders else None
     else:
-        taps = [to_np(t) for t in model.forward_encoder(*args)]
-        loss = float(model(*args, tensor(mask.ids_restore), tensor(mask.mask))[0].asnumpy()) if has_decoders else None
+        model.set_train(False)
+        taps = [to_np(t) for t in model.forward_encoder(x, masks_t)]
+        loss = float(to_np(model(x, masks_t)[0])) if has_decoders else None
     return taps, loss
 
 
@@ -345,51 +334,19 @@ def _check_models(src_state, src_layout, dst_path, dst_fmt, spec, image):
     imgs = _check_image(image, spec)
     mask = vit_mask(mask_rng(0, 0, 0, 0), 1, spec.num_patches, 0.75)
     if src_layout in ("localmim", "localmim-encoder"):
-        src_taps, src_loss = _backend_run("torch", src_state, spec, imgs, mask)
+        src_taps, src_loss = _backend_run("torch", src_state, spec, imgs, mask.as_dict())
     else:
-        src_taps, src_loss = [_timm_features(S.mae_encoder_part(src_state), spec, imgs, mask.ids_keep)], None
+        src_taps, src_loss = [_timm_features(keymaps.mae_encoder_part(src_state), spec, imgs, mask.ids_keep)], None
     dst_state, _ = read_state(dst_path)
     if dst_fmt == "timm":
         dst_taps, dst_loss = [_timm_features(dst_state, spec, imgs, mask.ids_keep)], None
     else:
         dst_taps, dst_loss = _backend_run("mindspore" if dst_fmt == "ckpt" else "torch",
-                                          dst_state, spec, imgs, mask)
+                                          dst_state, spec, imgs, mask.as_dict())
     n = min(len(src_taps), len(dst_taps))
     feat = max(float(np.max(np.abs(a - b))) for a, b in zip(src_taps[-n:], dst_taps[-n:]))
     loss = abs(src_loss - dst_loss) if src_loss is not None and dst_loss is not None else None
     return feat, loss
-
-
-def _swin_run(backend: str, canon: Dict[str, np.ndarray], spec: SwinSpec, imgs: np.ndarray,
-              plan) -> Tuple[List[np.ndarray], Optional[float]]:
-    """Our LocalMIMSwin in `backend` with the canonical `canon` (keys it lacks come from a fresh
-    model) -> (branch latents [(B, N_vis_k, C_k)], loss or None when `canon` has no decoders)."""
-    if backend == "torch":
-        import torch
-        from localmim.backends.torch import build_model
-        from localmim.backends.torch.swin import plan_tensors
-    else:
-        import mindspore
-        from localmim.backends.mindspore import build_model
-        from localmim.backends.mindspore.swin import plan_tensors
-    model = build_model(spec)
-    full = model.export_state()
-    has_decoders = all(k in canon for k in full)
-    full.update(canon)
-    model.import_state(full)
-    plan_t = plan_tensors(plan)
-    if backend == "torch":
-        model.eval()
-        with torch.no_grad():
-            x = torch.from_numpy(imgs)
-            latents = [t.numpy() for t in model.forward_encoder(x, plan_t)]
-            loss = float(model(x, plan_t)[0]) if has_decoders else None
-    else:
-        model.set_train(False)
-        x = mindspore.Tensor(imgs)
-        latents = [t.asnumpy() for t in model.forward_encoder(x, plan_t)]
-        loss = float(model(x, plan_t)[0].asnumpy()) if has_decoders else None
-    return latents, loss
 
 
 def _check_swin(src_state, src_layout, dst_path, dst_layout, dst_fmt, spec, image):
@@ -397,11 +354,11 @@ def _check_swin(src_state, src_layout, dst_path, dst_layout, dst_fmt, spec, imag
     from localmim.core.swin_plan import build_swin_plan
     imgs = _check_image(image, spec)
     plan = build_swin_plan(spec, swin_cell_mask(mask_rng(0, 0, 0, 0), spec.mask_grid, 0.75))
-    src = S.swin_to_canonical(src_state, src_layout, spec, "source")
+    src = keymaps.swin_to_canonical(src_state, src_layout, spec, "source")
     dst_state, _ = read_state(dst_path)
-    dst = S.swin_to_canonical(dst_state, dst_layout or S.detect_layout(dst_state), spec, dst_path)
-    src_lat, src_loss = _swin_run("torch", src, spec, imgs, plan)
-    dst_lat, dst_loss = _swin_run("mindspore" if dst_fmt == "ckpt" else "torch", dst, spec, imgs, plan)
+    dst = keymaps.swin_to_canonical(dst_state, dst_layout or layouts.detect_layout(dst_state), spec, dst_path)
+    src_lat, src_loss = _backend_run("torch", src, spec, imgs, plan.to_arrays())
+    dst_lat, dst_loss = _backend_run("mindspore" if dst_fmt == "ckpt" else "torch", dst, spec, imgs, plan.to_arrays())
     both_full = src_loss is not None and dst_loss is not None
     pairs = list(zip(src_lat, dst_lat)) if both_full else [(src_lat[-1], dst_lat[-1])]
     feat = max(float(np.max(np.abs(a - b))) for a, b in pairs)
@@ -415,11 +372,11 @@ def _check_swin(src_state, src_layout, dst_path, dst_layout, dst_fmt, spec, imag
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("src", metavar="SRC", help="weights to read (.pth/.pt/.bin, .ckpt, .safetensors)")
     parser.add_argument("dst", metavar="DST", help="file to write")
-    parser.add_argument("--from", dest="src_layout", choices=S.LAYOUTS, default=None,
+    parser.add_argument("--from", dest="src_layout", choices=layouts.LAYOUTS, default=None,
                         help="source layout (default: detected from the keys)")
     parser.add_argument("--to", dest="fmt", choices=FORMATS, default=None,
                         help="output format (default: from DST's extension); timm writes a timm ViT encoder")
-    parser.add_argument("--layout", dest="dst_layout", choices=S.LAYOUTS, default=None,
+    parser.add_argument("--layout", dest="dst_layout", choices=layouts.LAYOUTS, default=None,
                         help="layout to write (default: ours, or its encoder part); e.g. "
                              "official-localmim-swin or swin-encoder for Swin")
     parser.add_argument("--model", default=None,
@@ -434,7 +391,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _dst_layout(fmt: str, src_layout: str, state=None, requested: Optional[str] = None) -> str:
     """The layout to write: --layout when given, else timm for --to timm, else ours (the encoder
     part only when the source has no decoders)."""
-    swin = src_layout in S.SWIN_LAYOUTS
+    swin = src_layout in layouts.SWIN_LAYOUTS
     if fmt == "timm":
         if requested not in (None, "timm-swin" if swin else "timm-vit"):
             raise ConvertError(f"--to timm writes the {'timm-swin' if swin else 'timm-vit'} layout, not {requested!r}")
@@ -442,7 +399,7 @@ def _dst_layout(fmt: str, src_layout: str, state=None, requested: Optional[str] 
     if requested is not None:
         if requested in ("timm-swin", "timm-vit"):
             raise ConvertError(f"--layout {requested} needs --to timm")
-        if (requested in S.SWIN_LAYOUTS) != swin:
+        if (requested in layouts.SWIN_LAYOUTS) != swin:
             raise ConvertError(f"--layout {requested} does not fit a {'Swin' if swin else 'ViT'} source ({src_layout})")
         return requested
     if swin:
@@ -458,16 +415,16 @@ def _convert(args) -> int:
     if os.path.exists(dst) and not args.force:
         raise ConvertError(f"{dst}: already exists; pass --force to overwrite it")
     state, meta = read_state(src)
-    layout = args.src_layout or S.detect_layout(state)
-    family = S.detect_family(state)
-    if (layout in S.SWIN_LAYOUTS) != (family == "swin"):
+    layout = args.src_layout or layouts.detect_layout(state)
+    family = layouts.detect_family(state)
+    if (layout in layouts.SWIN_LAYOUTS) != (family == "swin"):
         raise ConvertError(f"{src}: --from {layout} does not fit its keys, which are "
                            f"{'Swin' if family == 'swin' else 'ViT'} keys")
-    infer = S.infer_swin_spec if family == "swin" else S.infer_vit_spec
+    infer = layouts.infer_swin_spec if family == "swin" else layouts.infer_vit_spec
     spec, spec_notes = infer(state, layout, what=src, name=args.model)
     spec_notes = [spec_notes[0] + (" (given)" if args.model else " (detected from shapes)")]
     out_layout = _dst_layout(fmt, layout, state, getattr(args, "dst_layout", None))
-    out, notes = S.convert_state(state, layout, out_layout, spec, what=src)
+    out, notes = keymaps.convert_state(state, layout, out_layout, spec, what=src)
     print(f"source {src}: layout {layout}, {len(state)} keys")
     for line in spec_notes + notes:
         print(f"  {line}")
@@ -489,7 +446,7 @@ def run(args) -> int:
     """Run the conversion for parsed `args`; returns the exit code (0 ok, 2 bad input)."""
     try:
         return _convert(args)
-    except (ConvertError, S.StateError, SpecError) as exc:
+    except (ConvertError, StateError, SpecError) as exc:
         print(f"localmim convert: error: {exc}", file=sys.stderr)
         return 2
 

@@ -8,6 +8,7 @@ concurrent caller never leaves a half-written set behind.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
+
+from localmim.core.files import write_atomically, write_text_atomically
 
 __all__ = ["sample_image_dir", "cache_root", "PHOTOS", "MISSING_SKIMAGE", "SampleImagesUnavailable"]
 
@@ -99,7 +102,8 @@ def _write_all(folder: Path) -> List[str]:
     written = []
     for name, img in _load_photos().items():
         for stem, arr in _variants(name, img):
-            _shrink(Image.fromarray(np.ascontiguousarray(arr))).save(folder / f"{stem}.png")
+            picture = _shrink(Image.fromarray(np.ascontiguousarray(arr)))
+            write_atomically(folder / f"{stem}.png", functools.partial(picture.save, format="PNG"), suffix=".png")
             written.append(stem)
     return written
 
@@ -132,7 +136,7 @@ def sample_image_dir(cache_dir: Optional[str] = None) -> str:
             if final.exists():
                 shutil.rmtree(final)                        # an older or half-finished set
             os.replace(tmp, final)
-            _atomic_write_text(marker, VERSION)
+            write_text_atomically(marker, VERSION)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -147,16 +151,10 @@ def _exclusive_lock(path: Path):
     except ImportError:                                     # not POSIX: best effort
         yield
         return
-    with open(path, "a") as handle:
+    with open(path, "a") as handle:  # only a handle to lock: nothing is written
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import tempfile
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from localmim.core.files import write_atomically
 
 __all__ = [
     "add_arguments", "run", "visualize_checkpoint", "render_reconstruction", "render_hog",
@@ -82,20 +83,10 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
 
 
 def save_png(figure: np.ndarray, path: str) -> str:
-    """Write an (H, W, 3) uint8 array as PNG atomically (temporary file, then os.replace)."""
+    """Write an (H, W, 3) uint8 array as PNG atomically (core.files.write_atomically)."""
     from PIL import Image
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".visualize.", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        Image.fromarray(figure).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomically(path, lambda tmp: Image.fromarray(figure).save(tmp, format="PNG"), suffix=".png")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,8 +152,9 @@ def bin_angle(b: int, nbins: int) -> float:
 def _edge_direction(theta: float) -> Tuple[float, float]:
     """(dx, dy) unit vector of the edge for gradient orientation `theta` (image y points down).
 
-    The reference measures theta = atan2(-Gx, -Gy) (§1.5): an x ramp gives pi/2, a y ramp 0.
-    The edge runs perpendicular to the gradient, along (cos theta, -sin theta).
+    The reference measures theta = atan2(-Gx, -Gy) (docs/method.md#hog-targets); modulo pi an x ramp
+    gives pi/2, a y ramp 0. The edge runs perpendicular to the gradient, along (cos theta, -sin
+    theta).
     """
     return math.cos(theta), -math.sin(theta)
 

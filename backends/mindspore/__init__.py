@@ -35,15 +35,15 @@ def ensure_cpu_context(deterministic: bool = True) -> None:
     _CONTEXT_SET = True
 
 
-from localmim.backends.mindspore.swin import LocalMIMSwin, build_swin  # noqa: E402
+from localmim.backends.mindspore.swin import LocalMIMSwin  # noqa: E402
 from localmim.backends.mindspore.vit import LocalMIMViT  # noqa: E402
 
 
 def build_model(spec):
     """The LocalMIM model for a spec: LocalMIMViT for a ViTSpec, LocalMIMSwin for a SwinSpec."""
     if spec.family == "swin":
-        return build_swin(spec)
+        return LocalMIMSwin(spec)
     return LocalMIMViT(spec)
 
 
-__all__ = ["LocalMIMViT", "LocalMIMSwin", "build_model", "build_swin", "ensure_cpu_context"]
+__all__ = ["LocalMIMViT", "LocalMIMSwin", "build_model", "ensure_cpu_context"]

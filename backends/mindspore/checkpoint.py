@@ -28,6 +28,7 @@ import numpy as np
 
 from localmim.backends import runs
 from localmim.backends.runs import CHECKPOINT_KEYS, CheckpointError
+from localmim.core.files import write_atomically
 
 __all__ = [
     "CheckpointError", "CHECKPOINT_KEYS", "FORMAT_TAG", "checkpoint_name", "save_checkpoint", "load_checkpoint",
@@ -82,10 +83,9 @@ def _flatten(payload: Mapping) -> Tuple[List[Dict], Dict]:
 def save_checkpoint(path: str, payload: Mapping) -> str:
     """Write `payload` (see module docstring) to `path` atomically.
 
-    mindspore.save_checkpoint writes to a temp file in the same folder (its name ends in .ckpt,
-    which MindSpore requires, and starts with '.tmp-' so discovery ignores it), which is fsynced
-    and then moved over `path` with os.replace: a crash leaves the old file or the new one,
-    never half a file. Returns `path`.
+    mindspore.save_checkpoint writes a temporary file beside `path` whose name ends in .ckpt, as
+    MindSpore requires, and core.files.write_atomically moves it over `path`: a crash leaves the
+    old file or the new one, never half a file. Returns `path`.
     """
     import mindspore as ms
     entries, extra = _flatten(payload)
@@ -93,7 +93,7 @@ def save_checkpoint(path: str, payload: Mapping) -> str:
     def write(tmp: str) -> None:
         ms.save_checkpoint(entries, tmp, append_dict=extra, crc_check=True)
 
-    return runs.write_atomically(path, write, suffix=EXT)
+    return write_atomically(path, write, suffix=EXT)
 
 
 def _to_numpy(value):

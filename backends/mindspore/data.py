@@ -9,12 +9,12 @@ Determinism (what makes resume and any worker count give the same numbers):
 - mask of micro-batch b of epoch e (b counted from 0 within the epoch, on every rank) on rank r:
   `core.masking.vit_mask(core.masking.mask_rng(seed, e, b, r), ...)`, as in the torch twin.
 
-ViT batches are dicts of numpy arrays {"images" (B,3,S,S) float32 ImageNet-normalised, "ids_keep"
-(B,K) int64, "ids_restore" (B,N) int64, "mask" (B,N) float32 (1 = masked)}. Swin batches are
-{"images", "plan": core.swin_plan.build_swin_plan(spec, swin_cell_mask(mask_rng(seed, e, b, r), ...),
-pad_groups_to, group_size).to_arrays()} (one cell mask per batch and rank, spec §2.2; the padding
-arguments are None except for compiled MindSpore training, see `static_plan_bounds`). The engine
-turns them into mindspore Tensors.
+Batches are dicts of numpy arrays {"images" (B,3,S,S) float32 ImageNet-normalised, "masks": the
+model's second argument}: for ViT {"ids_keep" (B,K) int64, "ids_restore" (B,N) int64, "mask" (B,N)
+float32 (1 = masked)}, for Swin the arrays of core.swin_plan.build_swin_plan(spec,
+swin_cell_mask(mask_rng(seed, e, b, r), ...), pad_groups_to, group_size) (one cell mask per batch
+and rank; the padding arguments are None except for compiled MindSpore training, see
+`static_plan_bounds`). The step object turns them into mindspore Tensors.
 
 Two loaders produce identical batches: `PretrainLoader` (a plain Python iterator, optionally with
 a thread pool that decodes the samples of a batch in parallel) and the same source wrapped in
@@ -39,28 +39,31 @@ from localmim.core import masking
 from localmim.core.swin_plan import build_swin_plan
 
 __all__ = [
-    "IMG_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "BATCH_COLUMNS", "find_images", "load_rgb",
+    "IMG_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "ColumnBatches", "find_images", "load_rgb",
     "random_resized_crop_params", "PretrainTransform", "PretrainDataset", "ShardedBatchSampler",
     "MaskCollate", "SwinPlanCollate", "static_plan_bounds", "PretrainLoader", "build_pretrain_dataset",
     "build_pretrain_loader",
 ]
 
-BATCH_COLUMNS = ("images", "ids_keep", "ids_restore", "mask")
+class ColumnBatches:
+    """Batch dicts <-> GeneratorDataset rows: one column "images" and one "masks:<name>" per mask
+    array, in `columns` order (`mask_keys` comes from the collate class)."""
 
+    @property
+    def columns(self) -> Tuple[str, ...]:
+        return ("images",) + tuple("masks:" + k for k in self.mask_keys)
 
-class MaskCollate(images.MaskCollate):
-    """Stack images and attach the ViT mask of (seed, epoch, batch index within the epoch, rank),
-    as numpy arrays; flatten / unflatten convert to and from GeneratorDataset rows."""
-
-    columns = BATCH_COLUMNS
-
-    def flatten(self, batch: Dict[str, np.ndarray]) -> tuple:
+    def flatten(self, batch: Dict) -> tuple:
         """Batch dict -> tuple of arrays in `columns` order (a GeneratorDataset row)."""
-        return tuple(batch[c] for c in BATCH_COLUMNS)
+        return (batch["images"],) + tuple(batch["masks"][k] for k in self.mask_keys)
 
-    def unflatten(self, row: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    def unflatten(self, row: Dict[str, np.ndarray]) -> Dict:
         """GeneratorDataset row (dict by column) -> batch dict."""
-        return {c: row[c] for c in BATCH_COLUMNS}
+        return {"images": row["images"], "masks": {k: row["masks:" + k] for k in self.mask_keys}}
+
+
+class MaskCollate(ColumnBatches, images.MaskCollate):
+    """`localmim.backends.images.MaskCollate` (ViT masks) as numpy arrays and GeneratorDataset rows."""
 
 
 def _windows_per_side(resolution: int, window: int, shift: int) -> int:
@@ -111,24 +114,9 @@ def static_plan_bounds(spec, mask_ratio: float) -> Tuple[List[Optional[int]], Li
     return pads, sizes
 
 
-class SwinPlanCollate(images.SwinPlanCollate):
-    """Stack images and attach the Swin grouping plan of the batch's cell mask as numpy arrays
-    (see `localmim.backends.images.SwinPlanCollate`); `columns`, flatten and unflatten convert to
-    and from GeneratorDataset rows, one column per plan array ("plan:<name>").
-    """
-
-    def __init__(self, seed: int, rank: int, spec, mask_ratio: float, pad_groups_to=None, group_size=None):
-        super().__init__(seed, rank, spec, mask_ratio, pad_groups_to=pad_groups_to, group_size=group_size)
-        # the plan's keys depend on the spec only; build one plan to list them
-        probe = masking.swin_cell_mask(np.random.default_rng(0), spec.mask_grid, self.mask_ratio)
-        self.plan_keys = tuple(sorted(build_swin_plan(spec, probe).to_arrays()))
-        self.columns = ("images",) + tuple("plan:" + k for k in self.plan_keys)
-
-    def flatten(self, batch: Dict) -> tuple:
-        return (batch["images"],) + tuple(batch["plan"][k] for k in self.plan_keys)
-
-    def unflatten(self, row: Dict[str, np.ndarray]) -> Dict:
-        return {"images": row["images"], "plan": {k: row["plan:" + k] for k in self.plan_keys}}
+class SwinPlanCollate(ColumnBatches, images.SwinPlanCollate):
+    """`localmim.backends.images.SwinPlanCollate` (Swin grouping plans) as numpy arrays and
+    GeneratorDataset rows."""
 
 
 class _BatchSource:

@@ -1,10 +1,11 @@
-"""LocalMIM pretraining loop for MindSpore: one process, or msrun + data parallel.
+"""LocalMIM pretraining for MindSpore: one process, or msrun + data parallel.
 
 run_pretrain(cfg) trains the model of `cfg.build_spec()` on `cfg.data.path` and writes into
 `cfg.train.output_dir` exactly what the torch engine writes (config.yaml, log.jsonl, here
-checkpoint-<step>.ckpt); backends/runs.py describes those files, the step counting and resumption.
-The lr of each step is written into the optimizer's per-group lr Parameters (lr x the group's
-lr_scale) before the step.
+checkpoint-<step>.ckpt). The loop itself is framework-free and shared with torch
+(backends/loop.py, files and counting in backends/runs.py); this module builds what it drives:
+the model, the AdamW groups, the loader and `TrainStep`. The lr of each step is written into the
+optimizer's per-group lr Parameters (lr x the group's lr_scale) before the step.
 
 The step: `mindspore.value_and_grad` of loss / accum_iter over the trainable parameters (summed
 over the micro-batches of a step), `nn.DistributedGradReducer` (mean) once per step under msrun,
@@ -14,46 +15,49 @@ are skipped as GradScaler does), optional global-norm clipping, then
 functions are compiled with `mindspore.jit` (graph mode); `train.compile=false` runs them in
 PyNative mode, for debugging.
 
-Swin models (spec.family "swin") train the same way on batches that carry a grouping plan
-("plan", see data.py) instead of ViT masks. In PyNative mode the plans keep their natural shapes;
+Swin models (spec.family "swin") train the same way on batches whose masks are a grouping plan
+(see data.py) instead of ViT masks. In PyNative mode the plans keep their natural shapes;
 with `train.compile` the loader pads every plan to the fixed shapes of
 `data.static_plan_bounds(spec, mask.ratio)`, so one compiled graph serves every batch.
 """
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 import mindspore as ms
-from mindspore import amp, nn, ops
+from mindspore import Tensor, amp, nn, ops
 from mindspore.experimental.optim import AdamW
 
-from localmim.backends import runs
-from localmim.backends.runs import LOG_KEYS, NonFiniteLossError, config_to_dict, write_config
+from localmim.backends import loop, runs
+from localmim.backends.runs import NonFiniteLossError
+from localmim.backends.mindspore import build_model
 from localmim.backends.mindspore import checkpoint as ckpt
 from localmim.backends.mindspore import data as data_mod
 from localmim.backends.mindspore import distributed as dist_utils
-from localmim.backends.mindspore.swin import build_swin, plan_tensors
-from localmim.backends.mindspore.vit import build_model
-from localmim.core import param_groups, schedule
+from localmim.core import param_groups
 
 __all__ = [
-    "NonFiniteLossError", "LOG_KEYS", "LocalAdamW", "resolve_precision", "apply_mixed_precision", "make_loss_scaler",
+    "NonFiniteLossError", "LocalAdamW", "resolve_precision", "apply_mixed_precision", "make_loss_scaler",
     "build_optimizer", "set_lr", "optimizer_state", "load_optimizer_state", "scaler_state", "load_scaler_state",
-    "TrainStep", "build_pretrain_model", "batch_inputs", "config_to_dict", "write_config", "run_pretrain",
+    "batch_inputs", "TrainStep", "run_pretrain",
 ]
 
 _LOSS_SCALE_INIT = 2.0 ** 16  # torch GradScaler's default, so both backends start alike
 
 
 # ---------------------------------------------------------------------------------------- setup
-def build_pretrain_model(spec) -> nn.Cell:
-    """LocalMIMViT for a ViTSpec, LocalMIMSwin for a SwinSpec."""
-    if getattr(spec, "family", "vit") == "swin":
-        return build_swin(spec)
-    return build_model(spec)
+def batch_inputs(batch: Dict) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """A loader batch as the model's arguments (images, masks) as Tensors; integer mask arrays
+    become int64, the others keep their dtype (float32 / bool)."""
+    imgs = ms.Tensor(batch["images"], ms.float32)
+    masks = {}
+    for key, value in batch["masks"].items():
+        arr = np.asarray(value)
+        masks[key] = ms.Tensor(arr.astype(np.int64) if arr.dtype.kind in "iu" else arr)
+    return imgs, masks
 
 
 def resolve_precision(precision: str, device_target: str, use_jit: bool = False) -> str:
@@ -75,8 +79,8 @@ def resolve_precision(precision: str, device_target: str, use_jit: bool = False)
 
 def apply_mixed_precision(model: nn.Cell, precision: str, use_jit: bool = False) -> None:
     """Run the encoder and decoders in bf16 / fp16 (`Cell.to_float` on patch_embed, blocks, the
-    branch norms and the decoders); the HOG / pixel targets and the loss stay float32 (reference
-    A1/A2). No-op for fp32.
+    branch norms and the decoders); the HOG / pixel targets and the loss stay float32
+    (docs/method.md#a1, #a2). No-op for fp32.
 
     Not `amp.auto_mixed_precision(..., "O1")`: in MindSpore 2.10 it rewrites the network's source
     into ./rewritten_network and the rewritten CellList fails (NameError '_valid_index').
@@ -198,64 +202,47 @@ _hyper_map = ops.HyperMap()
 
 
 class TrainStep:
-    """Gradient of one micro-batch, accumulation, and the optimizer update.
+    """One optimizer step of pretraining, micro-batch by micro-batch (the step object of
+    backends/loop.py).
 
-    micro(*batch_inputs(batch)) -> (loss, branch_losses, grads): ViT
-    micro(imgs, ids_keep, ids_restore, mask), Swin micro(imgs, plan) with plan a dict of Tensors;
-    grads are of loss * loss_scale / accum_iter w.r.t. optimizer.parameters, in that order.
-    accumulate(acc, grads) -> elementwise sum. update(grads) -> True when the step was applied
-    (False: fp16 gradients overflowed and the step was skipped, the scale lowered).
+    Each micro-batch: `value_and_grad` of loss * loss_scale / accum w.r.t. optimizer.parameters,
+    the gradients and the loss row [loss, loss_b0, ...] / accum summed on the device. apply():
+    mean over ranks (`reducer`, msrun), unscale and finiteness check (fp16, `scaler`: a step whose
+    gradients overflow is skipped and the scale lowered, as GradScaler does), global-norm clipping,
+    AdamW. With use_jit the gradient, accumulation and update functions are compiled (ms.jit).
+    Nothing waits for the device except the fp16 overflow check, which reads one boolean per step.
     """
 
-    def __init__(self, model: nn.Cell, optimizer: AdamW, accum: int, scaler=None, reducer=None,
+    def __init__(self, model: nn.Cell, optimizer: AdamW, *, accum: int, scaler=None, reducer=None,
                  clip_grad: Optional[float] = None, use_jit: bool = False):
         self.model, self.optimizer, self.scaler, self.reducer = model, optimizer, scaler, reducer
         self.inv_accum = 1.0 / float(accum)
         self.clip = float(clip_grad) if clip_grad else None
-        swin = getattr(model.spec, "family", "vit") == "swin"
-        forward = self._forward_plan if swin else self._forward
-        self.grad_fn = ms.value_and_grad(forward, None, optimizer.parameters, has_aux=True)
+        self.grad_fn = ms.value_and_grad(self._forward, None, optimizer.parameters, has_aux=True)
         wrap = ms.jit if use_jit else (lambda f: f)
-        if swin:
-            self._micro_plan_fn = wrap(self._micro_plan)
-            self.micro = self._call_plan
-        else:
-            self.micro = wrap(self._micro)
-        self.accumulate = wrap(self._accumulate)
+        self._micro = wrap(self._micro_grads)
+        self._accumulate = wrap(self._add)
         self._finish = wrap(self._finish_grads)
         self._apply = wrap(self._apply_grads)
+        self._grads, self._row = None, None
+        model.set_train(True)
 
-    def _forward(self, imgs, ids_keep, ids_restore, mask):
-        loss, branch_losses = self.model(imgs, ids_keep, ids_restore, mask)
+    # compiled pieces
+    def _forward(self, imgs, masks):
+        loss, branch_losses = self.model(imgs, masks)
         scaled = loss * self.inv_accum
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
         return scaled, loss, branch_losses
 
-    def _micro(self, imgs, ids_keep, ids_restore, mask):
-        (_, loss, branch_losses), grads = self.grad_fn(imgs, ids_keep, ids_restore, mask)
-        return loss, branch_losses, grads
-
-    def _forward_plan(self, imgs, plan):
-        loss, branch_losses = self.model(imgs, plan)
-        scaled = loss * self.inv_accum
-        if self.scaler is not None:
-            scaled = self.scaler.scale(scaled)
-        return scaled, loss, branch_losses
-
-    def _call_plan(self, imgs, plan):
-        # mutable: a dict of Tensors passed to a jit function is otherwise taken as constants and
-        # recompiled on every new plan (measured on MindSpore 2.10: ~13 s a step instead of 0.25 s
-        # for swin_tiny_test on CPU); in PyNative it changes nothing.
-        return self._micro_plan_fn(imgs, ms.mutable(dict(plan)))
-
-    def _micro_plan(self, imgs, plan):
-        (_, loss, branch_losses), grads = self.grad_fn(imgs, plan)
-        return loss, branch_losses, grads
+    def _micro_grads(self, imgs, masks):
+        (_, loss, branch_losses), grads = self.grad_fn(imgs, masks)
+        row = ops.concat((loss.reshape(1), branch_losses.reshape(-1))) * self.inv_accum
+        return grads, row
 
     @staticmethod
-    def _accumulate(acc, grads):
-        return _hyper_map(ops.add, acc, grads)
+    def _add(acc, new):
+        return _hyper_map(ops.add, acc, new)
 
     def _finish_grads(self, grads):
         if self.reducer is not None:
@@ -273,42 +260,52 @@ class TrainStep:
         self.optimizer(grads)
         return True
 
-    def add(self, acc, grads):
-        """acc + grads (acc None: grads)."""
-        if acc is None:
-            return grads
-        return self.accumulate(ms.mutable(tuple(acc)), ms.mutable(tuple(grads)))
+    # the step object
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
 
-    def update(self, grads) -> bool:
-        # mutable: a tuple of Tensors passed to a jit function (ours, or AdamW's own @jit
-        # implementation) is otherwise taken as constants and recompiled on every call.
-        grads, finite = self._finish(ms.mutable(tuple(grads)))
-        if self.scaler is not None and not bool(finite.asnumpy()):
-            return False
-        self._apply(ms.mutable(tuple(grads)))
-        return True
+    def micro(self, batch: Dict, sync: bool = True) -> None:
+        """Gradient and loss row of one micro-batch, added to the step's sums (sync: unused, the
+        reducer runs once per step in apply)."""
+        imgs, masks = batch_inputs(batch)
+        # mutable: a dict / tuple of Tensors passed to a jit function is otherwise taken as
+        # constants, dumped in warnings and recompiled on every new value (MindSpore 2.10; a Swin
+        # plan took ~13 s a step instead of 0.25 s); in PyNative it changes nothing.
+        grads, row = self._micro(imgs, ms.mutable(masks))
+        if self._grads is None:
+            self._grads, self._row = grads, row
+        else:
+            self._grads, self._row = self._accumulate(ms.mutable((tuple(self._grads), self._row)),
+                                                      ms.mutable((tuple(grads), row)))
+
+    def apply(self) -> Tensor:
+        """The AdamW update from the summed gradients -> the step's loss row (a Tensor)."""
+        grads, finite = self._finish(ms.mutable(tuple(self._grads)))
+        if self.scaler is None or bool(finite.asnumpy()):
+            self._apply(ms.mutable(tuple(grads)))
+        row, self._grads, self._row = self._row, None, None
+        return row
+
+    @staticmethod
+    def gather(rows: List) -> np.ndarray:
+        """Loss rows (Tensors or arrays) -> their mean over ranks as float32 numpy (one sync)."""
+        rows = np.stack([np.asarray(r.asnumpy() if hasattr(r, "asnumpy") else r, np.float32) for r in rows])
+        return dist_utils.all_reduce_mean(rows)
+
+    def states(self) -> Tuple[Dict, Dict, Optional[Dict]]:
+        return self.model.export_state(), optimizer_state(self.optimizer), scaler_state(self.scaler)
+
+    def load_states(self, payload: Dict, path: str) -> None:
+        """Model, optimizer and scaler state of a checkpoint payload (`path` names it in errors)."""
+        self.model.import_state(payload["model"])
+        load_optimizer_state(self.optimizer, payload["optimizer"], path)
+        load_scaler_state(self.scaler, payload.get("scaler"))
+
+    def model_shapes(self) -> Dict[str, tuple]:
+        return self.model.state_shapes()
 
 
-# ---------------------------------------------------------------------------------------- loop
-def _gather_losses(rows) -> np.ndarray:
-    """Per-step loss rows (Tensors or arrays) -> their mean over ranks as float32 numpy."""
-    rows = np.stack([np.asarray(r.asnumpy() if hasattr(r, "asnumpy") else r, np.float32) for r in rows])
-    return dist_utils.all_reduce_mean(rows)
-
-
-def batch_inputs(batch) -> tuple:
-    """A loader batch as the model's Tensor inputs: ViT (imgs, ids_keep, ids_restore, mask),
-    Swin (imgs, plan) with the plan's arrays as Tensors (int64 indices)."""
-    imgs = ms.Tensor(batch["images"], ms.float32)
-    if "plan" in batch:
-        return imgs, plan_tensors(batch["plan"])
-    return (imgs, ms.Tensor(batch["ids_keep"], ms.int64), ms.Tensor(batch["ids_restore"], ms.int64),
-            ms.Tensor(batch["mask"], ms.float32))
-
-
-_to_tensors = batch_inputs  # the earlier private name, still used by tests
-
-
+# ---------------------------------------------------------------------------------------- run
 def run_pretrain(cfg) -> Dict:
     """Pretrain (or resume) as `cfg` says. Returns {"step", "loss", "checkpoint", "output_dir"}.
 
@@ -323,103 +320,22 @@ def run_pretrain(cfg) -> Dict:
 
 
 def _run(cfg, spec, rank: int, world: int, target: str) -> Dict:
-    out = os.path.abspath(cfg.train.output_dir)
-    main = rank == 0
-    os.makedirs(out, exist_ok=True)
-    accum = runs.accum_steps(cfg)
+    os.makedirs(os.path.abspath(cfg.train.output_dir), exist_ok=True)
     use_jit = cfg.train.compile is not False  # None (the default) means graph mode, MindSpore's fast path
     precision = resolve_precision(cfg.train.precision, target, use_jit=use_jit)
 
     # Same seed on every rank: identical initial weights without a broadcast.
     ms.set_seed(int(cfg.train.seed))
-    np.random.seed(int(cfg.train.seed))
-    model = build_pretrain_model(spec)
-    optimizer = build_optimizer(model, cfg)
-    scaler = make_loss_scaler(precision)
-
-    loader, sampler = data_mod.build_pretrain_loader(cfg, spec, rank=rank, world=world,
-                                                     static_plans=use_jit)
-    steps_per_epoch, total = runs.plan_steps(cfg, sampler.batches_per_epoch, accum)
-    base_lr = cfg.resolved_lr(world)
-
-    step = 0
-    last_ckpt, payload = runs.load_latest(ckpt, out, model.state_shapes)
-    if payload is not None:
-        model.import_state(payload["model"])
-        load_optimizer_state(optimizer, payload["optimizer"], last_ckpt)
-        load_scaler_state(scaler, payload.get("scaler"))
-        step = int(payload["step"])
-        runs.warn_config_change(last_ckpt, payload.get("config"), cfg, main)
-        del payload
-    log_path = runs.start_output(cfg, out, step, main)
-    dist_utils.barrier()
-
-    if step >= total:
-        loader.close()
-        return {"step": step, "loss": runs.last_logged_loss(log_path), "checkpoint": last_ckpt, "output_dir": out}
-
+    loop.seed_host(cfg.train.seed)
+    model = build_model(spec)
     apply_mixed_precision(model, precision, use_jit=use_jit)
-    model.set_train(True)
+    optimizer = build_optimizer(model, cfg)
     reducer = nn.DistributedGradReducer(optimizer.parameters, mean=True, degree=world) if world > 1 else None
-    stepper = TrainStep(model, optimizer, accum, scaler=scaler, reducer=reducer, clip_grad=cfg.optim.clip_grad,
-                        use_jit=use_jit)
-
-    tracker = runs.LossTracker(out, steps_per_epoch, _gather_losses, ckpt.latest_checkpoint)
-    sync_every_step = target == "CPU"  # the check costs no device sync there
-    log_every, save_every, save_epochs = runs.loop_intervals(cfg)
-
-    def states():
-        return model.export_state(), optimizer_state(optimizer), scaler_state(scaler)
-
-    def save(at_step: int) -> str:
-        tracker.fetch()  # raises before anything is written if a loss went non-finite
-        path = runs.save_run_checkpoint(ckpt, out, at_step, steps_per_epoch, cfg, states, main)
-        dist_utils.barrier()
-        return path
-
-    logger = runs.StepLogger(log_path, total, step, steps_per_epoch, cfg.data.batch_size * accum * world, main,
-                             cfg.train.progress)
-    saved_at = None
+    stepper = TrainStep(model, optimizer, accum=runs.accum_steps(cfg), scaler=make_loss_scaler(precision),
+                        reducer=reducer, clip_grad=cfg.optim.clip_grad, use_jit=use_jit)
+    loader, sampler = data_mod.build_pretrain_loader(cfg, spec, rank=rank, world=world, static_plans=use_jit)
     try:
-        while step < total:
-            epoch = step // steps_per_epoch
-            first_micro = (step % steps_per_epoch) * accum
-            sampler.set_epoch(epoch, first_micro, steps_per_epoch * accum)
-            acc, step_row = None, None
-            for micro, batch in enumerate(loader, start=first_micro):
-                if micro % accum == 0:
-                    set_lr(optimizer, schedule.lr_for_step(step, steps_per_epoch, base_lr, cfg.optim.min_lr,
-                                                           cfg.optim.warmup_epochs, cfg.optim.epochs))
-                    acc, step_row = None, None
-                loss, branch_losses, grads = stepper.micro(*batch_inputs(batch))
-                acc = stepper.add(acc, grads)
-                row = np.concatenate([loss.asnumpy().reshape(1), branch_losses.asnumpy().reshape(-1)]) / accum
-                step_row = row if step_row is None else step_row + row
-                if (micro + 1) % accum != 0:
-                    continue
-
-                stepper.update(acc)
-                acc = None
-                step += 1
-                tracker.add(step_row, step)
-                if sync_every_step:
-                    tracker.fetch()
-                logger.step_done()
-
-                if step % log_every == 0 or step == total:
-                    logger.log(step, tracker.take_window(),
-                               schedule.lr_for_step(step - 1, steps_per_epoch, base_lr, cfg.optim.min_lr,
-                                                    cfg.optim.warmup_epochs, cfg.optim.epochs))
-
-                if runs.save_due(step, total, steps_per_epoch, save_every, save_epochs):
-                    last_ckpt = save(step)
-                    saved_at = step
-                if step >= total:
-                    break
-        if saved_at != step:
-            last_ckpt = save(step)
-        tracker.fetch()
+        return loop.train(cfg, stepper, loader, sampler, ckpt, rank=rank, world=world, on_cpu=target == "CPU",
+                          barrier=dist_utils.barrier)
     finally:
         loader.close()
-        logger.close()
-    return {"step": step, "loss": tracker.last_loss, "checkpoint": last_ckpt, "output_dir": out}

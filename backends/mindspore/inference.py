@@ -60,18 +60,14 @@ def reconstruct(model, images: np.ndarray, mask) -> Dict[str, List[np.ndarray]]:
                          f"(B, 3, {spec.img_size}, {spec.img_size})")
     imgs = ms.Tensor(images)
     if getattr(spec, "family", "vit") == "swin":
-        plan = _swin_plan(spec, mask)
-        preds = model.forward_decoders(model.forward_encoder(imgs, plan), plan)
-        masks = model.branch_masks(plan, images.shape[0])
+        masks = _swin_plan(spec, mask)
     else:
-        ids_keep = ms.Tensor(np.asarray(mask.ids_keep, dtype=np.int64))
-        ids_restore = ms.Tensor(np.asarray(mask.ids_restore, dtype=np.int64))
-        patch_mask = ms.Tensor(np.asarray(mask.mask, dtype=np.float32))
-        preds = model.forward_decoders(model.forward_encoder(imgs, ids_keep), ids_restore)
-        masks = model.scale_masks(patch_mask)
+        masks = {k: ms.Tensor(v) for k, v in mask.as_dict().items()}
+    preds = model.forward_decoders(model.forward_encoder(imgs, masks), masks)
+    branch_masks = model.branch_masks(masks, images.shape[0])
     targets = model.forward_targets(imgs)
 
     def to_np(ts):
         return [t.asnumpy().astype(np.float32) for t in ts]
 
-    return {"targets": to_np(targets), "preds": to_np(preds), "masks": to_np(masks)}
+    return {"targets": to_np(targets), "preds": to_np(preds), "masks": to_np(branch_masks)}

@@ -10,7 +10,7 @@ CPU-friendly choices (MindSpore 2.10 on CPU):
   computed as reshapes plus one matmul on channels-last maps (same numbers, far faster than the
   CPU conv kernels);
 - GELU is the exact erf form (`nn.GELU(approximate=False)`; MindSpore's default is tanh);
-- every LayerNorm passes eps explicitly (1e-6, spec §1.1).
+- every LayerNorm passes eps explicitly (1e-6, docs/method.md#transformer-blocks).
 
 Everything works in PyNative and under `ms.jit` (static shapes, no control flow on tensor values).
 """
@@ -55,7 +55,7 @@ class LayerNorm(nn.Cell):
 
 
 class LayerNorm2d(nn.Cell):
-    """LayerNorm over the channel axis of a map (spec §1.4 LayerNorm2d).
+    """LayerNorm over the channel axis of a map (LayerNorm2d, docs/method.md#rescaling-heads).
 
     channels_last=False: x (B, C, H, W) -> (B, C, H, W) (the torch twin's layout).
     channels_last=True: x (B, H, W, C) -> (B, H, W, C), used inside the rescaling heads.

@@ -1,14 +1,14 @@
-"""LocalMIM ViT for pretraining in MindSpore (twin of backends/torch/vit.py; spec §1).
+"""LocalMIM ViT for pretraining in MindSpore (twin of backends/torch/vit.py; docs/method.md#vit-encoder).
 
 An MAE-style ViT encoder on the visible patches with taps after the blocks in `spec.taps`, each
 tap normalised by its own branch LayerNorm (`norm.{k}`), four independent local decoders
 (`decoder.{k}`) with rescaling heads for scales 4, 2, 1, 0.5, and frozen HOG gradient filters
 (`hog_enc.{k}`, HOG targets only). MindSpore parameter names are the canonical names of
-docs/internals.md (§1.11), so `export_state()` is a plain name -> numpy map and a `.ckpt` of this
+docs/internals.md, so `export_state()` is a plain name -> numpy map and a `.ckpt` of this
 model needs no renaming.
 
-Masks come from `localmim.core.masking` (numpy) and are passed in: ids_keep (B, K) int64,
-ids_restore (B, N) int64, mask (B, N) float32 with 1 = masked.
+Masks come from `localmim.core.masking` (numpy) and are passed in as one dict, `model(imgs, masks)`:
+ids_keep (B, K) int64, ids_restore (B, N) int64, mask (B, N) float32 with 1 = masked.
 """
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def build_pred_head(scale: float, dim: int, out_dim: int) -> nn.SequentialCell:
 
 
 class LocalDecoder(nn.Cell):
-    """One branch's decoder (spec §1.4): embed, mask tokens, un-shuffle, pos-embed, blocks, norm, head.
+    """One branch's decoder (docs/method.md#vit-decoders): embed, mask tokens, un-shuffle, pos-embed,
+    blocks, norm, head.
 
     Input latent (B, 1+K, in_dim) (cls first, visible tokens in shuffled order) and ids_restore
     (B, N); output (B, (s*g)^2, out_dim) in raster order of the branch grid.
@@ -130,7 +131,7 @@ class LocalMIMViT(LocalMIMModel):
         else:
             self.hog_enc = None
 
-    # ---------------------------------------------------------------- initialisation (§1.8)
+    # ------------------------------------------------ initialisation (docs/method.md#initialisation)
 
     @staticmethod
     def _set(param: Parameter, init):
@@ -171,8 +172,9 @@ class LocalMIMViT(LocalMIMModel):
 
     # ---------------------------------------------------------------- forward passes
 
-    def forward_encoder(self, imgs, ids_keep) -> List[Tensor]:
-        """imgs (B, 3, S, S), ids_keep (B, K) -> list of branch-normed taps, each (B, 1+K, D)."""
+    def forward_encoder(self, imgs, masks) -> List[Tensor]:
+        """imgs (B, 3, S, S), masks["ids_keep"] (B, K) -> list of branch-normed taps, each (B, 1+K, D)."""
+        ids_keep = masks["ids_keep"]
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
         b, _, d = x.shape
         k = ids_keep.shape[1]
@@ -188,23 +190,11 @@ class LocalMIMViT(LocalMIMModel):
                 latents.append(self.norm[branch](x))
         return latents
 
-    def forward_decoders(self, latents, ids_restore) -> List[Tensor]:
+    def forward_decoders(self, latents, masks) -> List[Tensor]:
         """Branch k decodes latents[k] -> (B, L_k, out_k) in raster order of its grid."""
-        return [self.decoder[k](latents[k], ids_restore) for k in range(self.num_branches)]
+        return [self.decoder[k](latents[k], masks["ids_restore"]) for k in range(self.num_branches)]
 
-    def scale_masks(self, mask) -> List[Tensor]:
-        """(B, N) patch mask -> per-branch float32 masks (B, L_k) (nearest repeat / 2x2 average)."""
-        return T.scale_masks(mask, self.grid, self.scales)
-
-    def construct(self, imgs, ids_keep, ids_restore, mask):
-        """Pretraining loss: (loss scalar, branch_losses (num_branches,)), both float32."""
-        latents = self.forward_encoder(imgs, ids_keep)
-        preds = self.forward_decoders(latents, ids_restore)
-        targets = self.forward_targets(imgs)
-        masks = self.scale_masks(mask)
-        return T.localmim_loss(preds, targets, masks)
-
-
-def build_model(spec: ViTSpec) -> LocalMIMViT:
-    """The LocalMIM ViT for a spec (PyNative Cell; wrap calls in ms.jit for graph mode)."""
-    return LocalMIMViT(spec)
+    def branch_masks(self, masks, batch: int) -> List[Tensor]:
+        """Per-branch float32 masks (B, L_k) from the patch mask masks["mask"] (B, N) (nearest
+        repeat / 2x2 average)."""
+        return T.scale_masks(masks["mask"], self.grid, self.scales)

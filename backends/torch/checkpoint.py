@@ -20,6 +20,7 @@ import torch
 
 from localmim.backends import runs
 from localmim.backends.runs import CHECKPOINT_KEYS, CheckpointError
+from localmim.core.files import write_atomically
 
 __all__ = [
     "CheckpointError", "CHECKPOINT_KEYS", "checkpoint_name", "save_checkpoint", "load_checkpoint",
@@ -33,7 +34,7 @@ latest_checkpoint, prune_checkpoints = _FILES.latest, _FILES.prune
 
 
 def save_checkpoint(path: str, payload: Mapping) -> str:
-    """Write `payload` to `path` atomically: temp file in the same folder, fsync, os.replace.
+    """Write `payload` to `path` atomically (core.files.write_atomically).
 
     A crash at any point leaves either the old file or the complete new one, never half a file.
     Returns `path`.
@@ -44,7 +45,7 @@ def save_checkpoint(path: str, payload: Mapping) -> str:
         with open(tmp, "wb") as f:  # a file object, as before: the zip's inner folder stays "archive"
             torch.save(payload, f)
 
-    return runs.write_atomically(path, write)
+    return write_atomically(path, write)
 
 
 def load_checkpoint(path: str, map_location="cpu", require: Iterable[str] = CHECKPOINT_KEYS) -> Dict:

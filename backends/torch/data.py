@@ -6,10 +6,10 @@ Determinism (what makes resume and any worker count give the same numbers) is th
 `localmim.backends.images`: data order from (seed, epoch), augmentation from (seed, epoch, index),
 the mask of micro-batch b of epoch e on rank r from `core.masking.mask_rng(seed, e, b, r)`.
 
-ViT batches are dicts {"images" (B,3,S,S) float32 ImageNet-normalised, "ids_keep" (B,K) int64,
-"ids_restore" (B,N) int64, "mask" (B,N) float32 (1 = masked)}. Swin batches are {"images",
-"plan": core.swin_plan.build_swin_plan(spec, swin_cell_mask(mask_rng(seed, e, b, r), ...)).to_arrays()
-as tensors} (one cell mask per batch and rank, spec §2.2).
+Batches are dicts {"images" (B,3,S,S) float32 ImageNet-normalised, "masks": the model's second
+argument as tensors}: for ViT {"ids_keep" (B,K) int64, "ids_restore" (B,N) int64, "mask" (B,N)
+float32 (1 = masked)}, for Swin the arrays of core.swin_plan.build_swin_plan(spec,
+swin_cell_mask(mask_rng(seed, e, b, r), ...)).to_arrays() (one cell mask per batch and rank).
 """
 from __future__ import annotations
 
@@ -50,10 +50,9 @@ class ShardedBatchSampler(images.ShardedBatchSampler, torch.utils.data.Sampler):
     """`localmim.backends.images.ShardedBatchSampler` as a torch (batch) Sampler."""
 
 
-class MaskCollate(images.MaskCollate):
-    """Stack image tensors and attach the ViT mask of (seed, epoch, batch index within the epoch,
-    rank) as tensors. Runs in the loader workers, so the integer bookkeeping stays off the
-    training step."""
+class TensorBatches:
+    """Batches of torch tensors: image tensors stacked, mask arrays wrapped without a copy. Runs in
+    the loader workers, so the integer bookkeeping stays off the training step."""
 
     def stack(self, images_):
         return torch.stack(images_)
@@ -62,15 +61,12 @@ class MaskCollate(images.MaskCollate):
         return torch.from_numpy(array)
 
 
-class SwinPlanCollate(images.SwinPlanCollate):
-    """Stack image tensors and attach the Swin grouping plan of the batch's cell mask as a dict
-    of tensors under "plan"; built in the loader workers."""
+class MaskCollate(TensorBatches, images.MaskCollate):
+    """`localmim.backends.images.MaskCollate` (ViT masks) as torch tensors."""
 
-    def stack(self, images_):
-        return torch.stack(images_)
 
-    def wrap(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array)
+class SwinPlanCollate(TensorBatches, images.SwinPlanCollate):
+    """`localmim.backends.images.SwinPlanCollate` (Swin grouping plans) as torch tensors."""
 
 
 def build_pretrain_dataset(cfg, spec) -> PretrainDataset:

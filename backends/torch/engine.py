@@ -1,55 +1,41 @@
-"""LocalMIM pretraining loop for PyTorch: one process or torchrun + DistributedDataParallel.
+"""LocalMIM pretraining for PyTorch: one process or torchrun + DistributedDataParallel.
 
 run_pretrain(cfg) trains the model of `cfg.build_spec()` on `cfg.data.path` and writes
-config.yaml, log.jsonl and checkpoint-<step>.pth into `cfg.train.output_dir`; backends/runs.py
-describes those files, the step counting and resumption (the framework-free half of the loop).
-The lr of each step is set on the torch param groups (lr x the group's lr_scale) before it.
+config.yaml, log.jsonl and checkpoint-<step>.pth into `cfg.train.output_dir`. The loop itself is
+framework-free and shared with MindSpore (backends/loop.py, files and counting in
+backends/runs.py); this module builds what it drives: the model, the AdamW groups, the loader and
+`TrainStep`, which runs one micro-batch (autocast, DDP no_sync, GradScaler) and applies the update
+without waiting for the device.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from localmim.backends import runs
-from localmim.backends.runs import LOG_KEYS, NonFiniteLossError, config_to_dict, write_config  # noqa: F401
+from localmim.backends import loop, runs
+from localmim.backends.runs import NonFiniteLossError
+from localmim.backends.torch import build_model
 from localmim.backends.torch import checkpoint as ckpt
 from localmim.backends.torch import data as data_mod
 from localmim.backends.torch import distributed as dist_utils
-from localmim.backends.torch.swin import build_swin
-from localmim.backends.torch.vit import build_model
-from localmim.core import param_groups, schedule
+from localmim.core import param_groups
 
 __all__ = [
     "NonFiniteLossError", "resolve_precision", "autocast_context", "make_grad_scaler", "build_optimizer",
-    "set_lr", "config_to_dict", "write_config", "build_pretrain_model", "forward_batch", "run_pretrain",
+    "set_lr", "batch_inputs", "TrainStep", "run_pretrain",
 ]
-
-# On CPU a per-step finiteness check costs nothing, so a bad loss is caught at once; on accelerators
-# the losses stay on the device until the next log line or checkpoint (no host sync in the step).
-CHECK_EVERY_STEP_ON_CPU = True
 
 
 # ---------------------------------------------------------------------------------------- setup
-def build_pretrain_model(spec) -> torch.nn.Module:
-    """LocalMIMViT for a ViTSpec, LocalMIMSwin for a SwinSpec."""
-    if getattr(spec, "family", "vit") == "swin":
-        return build_swin(spec)
-    return build_model(spec)
-
-
-def forward_batch(net, batch: Dict, device: torch.device):
-    """Move one loader batch to `device` and run the model on it -> (loss, branch_losses)."""
+def batch_inputs(batch: Dict, device: torch.device) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """A loader batch as the model's arguments (images, masks), moved to `device`."""
     imgs = batch["images"].to(device, non_blocking=True)
-    if "plan" in batch:
-        plan = {k: v.to(device, non_blocking=True) for k, v in batch["plan"].items()}
-        return net(imgs, plan)
-    return net(imgs, batch["ids_keep"].to(device, non_blocking=True),
-               batch["ids_restore"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True))
+    return imgs, {k: v.to(device, non_blocking=True) for k, v in batch["masks"].items()}
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -104,12 +90,85 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
-# ---------------------------------------------------------------------------------------- loop
-def _gather_losses(rows: List[torch.Tensor]) -> np.ndarray:
-    """Per-step loss rows kept on the device -> their mean over ranks as float64 numpy (one sync)."""
-    return dist_utils.all_reduce_mean(torch.stack(rows)).double().cpu().numpy()
+# ---------------------------------------------------------------------------------------- step
+class TrainStep:
+    """One optimizer step of pretraining, micro-batch by micro-batch (the step object of
+    backends/loop.py).
+
+    model: the LocalMIM model on its device; optimizer: `build_optimizer(model, cfg)`. world > 1
+    wraps the model in DistributedDataParallel (gradients reduced on the last micro-batch of a
+    step); compile adds torch.compile. precision "fp16" scales the loss with a GradScaler (steps
+    whose gradients overflow are skipped), "bf16" / "fp16" run the forward under autocast; targets
+    and the loss stay fp32 (the model). Loss rows stay on the device until `gather`.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, accum: int, precision: str,
+                 device: torch.device, world: int = 1, clip_grad: Optional[float] = None, compile: bool = False):
+        self.model, self.optimizer, self.device = model, optimizer, device
+        self.accum, self.precision, self.world = int(accum), precision, int(world)
+        self.clip = float(clip_grad) if clip_grad else None
+        self.scaler = make_grad_scaler(precision, device)
+        self.net = model
+        if world > 1:
+            spec = model.spec  # ViT blocks after the last tap never run
+            unused = spec.family == "vit" and spec.taps[-1] < spec.depth - 1
+            self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=unused)
+        self.forward = torch.compile(self.net) if compile else self.net
+        self._row: Optional[torch.Tensor] = None
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def micro(self, batch: Dict, sync: bool = True) -> None:
+        """Forward and backward of one micro-batch; the gradient of loss / accum is added to .grad."""
+        no_sync = self.world > 1 and not sync
+        with self.net.no_sync() if no_sync else contextlib.nullcontext():
+            with autocast_context(self.precision, self.device):
+                loss, branch_losses = self.forward(*batch_inputs(batch, self.device))
+            scaled = loss / self.accum
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        row = torch.cat([loss.detach().float().reshape(1), branch_losses.detach().float().reshape(-1)]) / self.accum
+        self._row = row if self._row is None else self._row + row
+
+    def apply(self) -> torch.Tensor:
+        """Clip, step (through the GradScaler for fp16), zero the gradients -> the step's loss row."""
+        if self.clip is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        row, self._row = self._row, None
+        return row
+
+    @staticmethod
+    def gather(rows: List[torch.Tensor]) -> np.ndarray:
+        """Loss rows kept on the device -> their mean over ranks as float64 numpy (one sync)."""
+        return dist_utils.all_reduce_mean(torch.stack(rows)).double().cpu().numpy()
+
+    def states(self) -> Tuple[Dict, Dict, Optional[Dict]]:
+        scaler = self.scaler.state_dict() if self.scaler is not None else None
+        return self.model.state_dict(), self.optimizer.state_dict(), scaler
+
+    def load_states(self, payload: Dict, path: str) -> None:
+        """Model, optimizer and scaler state of a checkpoint payload (`path` names it in errors)."""
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.scaler is not None and payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
+
+    def model_shapes(self) -> Dict[str, torch.Size]:
+        return {k: v.shape for k, v in self.model.state_dict().items()}
 
 
+# ---------------------------------------------------------------------------------------- run
 def run_pretrain(cfg) -> Dict:
     """Pretrain (or resume) as `cfg` says. Returns {"step", "loss", "checkpoint", "output_dir"}.
 
@@ -127,116 +186,17 @@ def run_pretrain(cfg) -> Dict:
 
 
 def _run(cfg, spec, rank: int, world: int, device: torch.device) -> Dict:
-    out = os.path.abspath(cfg.train.output_dir)
-    main = rank == 0
-    if main:
-        os.makedirs(out, exist_ok=True)
+    if rank == 0:
+        os.makedirs(os.path.abspath(cfg.train.output_dir), exist_ok=True)
     dist_utils.barrier()
-    accum = runs.accum_steps(cfg)
-    precision = resolve_precision(cfg.train.precision, device)
-
     torch.manual_seed(int(cfg.train.seed))
-    model = build_pretrain_model(spec).to(device)
+    loop.seed_host(cfg.train.seed)
+    model = build_model(spec).to(device)
     optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
-    scaler = make_grad_scaler(precision, device)
-
+    stepper = TrainStep(model, optimizer, accum=runs.accum_steps(cfg),
+                        precision=resolve_precision(cfg.train.precision, device), device=device, world=world,
+                        clip_grad=cfg.optim.clip_grad, compile=bool(cfg.train.compile))
     loader, sampler = data_mod.build_pretrain_loader(cfg, spec, rank=rank, world=world,
                                                      pin_memory=device.type == "cuda")
-    steps_per_epoch, total = runs.plan_steps(cfg, sampler.batches_per_epoch, accum)
-    base_lr = cfg.resolved_lr(world)
-
-    step = 0
-    last_ckpt, payload = runs.load_latest(ckpt, out, model.state_dict)
-    if payload is not None:
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        if scaler is not None and payload.get("scaler"):
-            scaler.load_state_dict(payload["scaler"])
-        step = int(payload["step"])
-        runs.warn_config_change(last_ckpt, payload.get("config"), cfg, main)
-        del payload
-    log_path = runs.start_output(cfg, out, step, main)
-    dist_utils.barrier()
-
-    if step >= total:
-        return {"step": step, "loss": runs.last_logged_loss(log_path), "checkpoint": last_ckpt, "output_dir": out}
-
-    net = model
-    if world > 1:
-        # ViT blocks after the last tap never run
-        unused = spec.family == "vit" and spec.taps[-1] < spec.depth - 1
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=unused)
-    fwd = torch.compile(net) if cfg.train.compile else net
-
-    tracker = runs.LossTracker(out, steps_per_epoch, _gather_losses, ckpt.latest_checkpoint)
-    sync_every_step = device.type == "cpu" and CHECK_EVERY_STEP_ON_CPU
-    log_every, save_every, save_epochs = runs.loop_intervals(cfg)
-
-    def states():
-        return model.state_dict(), optimizer.state_dict(), scaler.state_dict() if scaler is not None else None
-
-    def save(at_step: int) -> str:
-        tracker.fetch()  # raises before anything is written if a loss went non-finite
-        path = runs.save_run_checkpoint(ckpt, out, at_step, steps_per_epoch, cfg, states, main)
-        dist_utils.barrier()
-        return path
-
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    logger = runs.StepLogger(log_path, total, step, steps_per_epoch, cfg.data.batch_size * accum * world, main,
-                             cfg.train.progress)
-    step_row = None
-    saved_at = None
-    while step < total:
-        epoch = step // steps_per_epoch
-        first_micro = (step % steps_per_epoch) * accum
-        sampler.set_epoch(epoch, first_micro, steps_per_epoch * accum)
-        for micro, batch in enumerate(loader, start=first_micro):
-            last_micro = (micro + 1) % accum == 0
-            if micro % accum == 0:
-                set_lr(optimizer, schedule.lr_for_step(step, steps_per_epoch, base_lr, cfg.optim.min_lr,
-                                                       cfg.optim.warmup_epochs, cfg.optim.epochs))
-                step_row = None
-            sync_ctx = net.no_sync() if (world > 1 and not last_micro) else contextlib.nullcontext()
-            with sync_ctx:
-                with autocast_context(precision, device):
-                    loss, branch_losses = forward_batch(fwd, batch, device)
-                scaled = loss / accum
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            row = torch.cat([loss.detach().float().reshape(1), branch_losses.detach().float().reshape(-1)]) / accum
-            step_row = row if step_row is None else step_row + row
-            if not last_micro:
-                continue
-
-            if cfg.optim.clip_grad:
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.optim.clip_grad))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tracker.add(step_row, step)
-            if sync_every_step:
-                tracker.fetch()
-            logger.step_done()
-
-            if step % log_every == 0 or step == total:
-                group = optimizer.param_groups[0]
-                logger.log(step, tracker.take_window(), group["lr"] / group.get("lr_scale", 1.0))
-
-            if runs.save_due(step, total, steps_per_epoch, save_every, save_epochs):
-                last_ckpt = save(step)
-                saved_at = step
-                logger.restart_clock_if_empty()  # keep checkpoint writing out of images_per_s
-            if step >= total:
-                break
-    if saved_at != step:
-        last_ckpt = save(step)
-    tracker.fetch()
-    logger.close()
-    return {"step": step, "loss": tracker.last_loss, "checkpoint": last_ckpt, "output_dir": out}
+    return loop.train(cfg, stepper, loader, sampler, ckpt, rank=rank, world=world, on_cpu=device.type == "cpu",
+                      barrier=dist_utils.barrier)

@@ -53,15 +53,12 @@ def reconstruct(model: torch.nn.Module, images: np.ndarray, mask) -> Dict[str, L
         device = next(model.parameters()).device
         imgs = _as_tensor(images, torch.float32, device)
         if spec.family == "swin":
-            plan = mask if isinstance(mask, SwinPlan) else build_swin_plan(spec, np.asarray(mask, dtype=bool))
-            plan = plan_tensors(plan, device)
-            preds = model.forward_decoders(model.forward_encoder(imgs, plan), plan)
-            masks = model.branch_masks(plan, imgs.shape[0])
+            arrays = mask if isinstance(mask, SwinPlan) else build_swin_plan(spec, np.asarray(mask, dtype=bool))
+            masks = plan_tensors(arrays, device)
         else:
-            ids_keep = _as_tensor(mask.ids_keep, torch.int64, device)
-            ids_restore = _as_tensor(mask.ids_restore, torch.int64, device)
-            preds = model.forward_decoders(model.forward_encoder(imgs, ids_keep), ids_restore)
-            masks = model.scale_masks(_as_tensor(mask.mask, torch.float32, device))
+            masks = {k: torch.as_tensor(np.asarray(v), device=device) for k, v in mask.as_dict().items()}
+        preds = model.forward_decoders(model.forward_encoder(imgs, masks), masks)
+        branch_masks = model.branch_masks(masks, imgs.shape[0])
         targets = model.forward_targets(imgs)
     finally:
         model.train(was_training)
@@ -69,4 +66,4 @@ def reconstruct(model: torch.nn.Module, images: np.ndarray, mask) -> Dict[str, L
     def to_np(ts):
         return [t.detach().float().cpu().numpy() for t in ts]
 
-    return {"targets": to_np(targets), "preds": to_np(preds), "masks": to_np(masks)}
+    return {"targets": to_np(targets), "preds": to_np(preds), "masks": to_np(branch_masks)}

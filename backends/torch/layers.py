@@ -2,7 +2,7 @@
 
 Every module here keeps timm's attribute names so that `state_dict()` keys are the canonical
 names of docs/internals.md: `norm1`, `attn.qkv`, `attn.proj`, `norm2`, `mlp.fc1`, `mlp.fc2`,
-`proj` (patch embedding). All LayerNorms use eps 1e-6 (spec §1.1).
+`proj` (patch embedding). All LayerNorms use eps 1e-6 (docs/method.md#transformer-blocks).
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class Block(nn.Module):
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel axis of an NCHW map (biased variance, eps inside the sqrt).
 
-    Weight ones and bias zeros at construction (spec §1.4). Runs through `F.layer_norm` on a
+    Weight ones and bias zeros at construction (docs/method.md#rescaling-heads). Runs through `F.layer_norm` on a
     channels-last view, so under autocast it computes in float32 like nn.LayerNorm.
     """
 

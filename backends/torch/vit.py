@@ -1,15 +1,16 @@
-"""LocalMIM ViT for pretraining (spec §1): MAE-style encoder on visible tokens, four local decoders
+"""LocalMIM ViT for pretraining (docs/method.md#vit-encoder): MAE-style encoder on visible tokens, four local decoders
 with rescaling heads, HOG or pixel targets and the multi-scale masked MSE loss.
 
-`model.state_dict()` keys are exactly the canonical names of docs/internals.md (§1.11), so the
+`model.state_dict()` keys are exactly the canonical names of docs/internals.md, so the
 canonical state is a float32 numpy copy of the state dict.
 
-Masks are sampled outside the model (core.masking) and passed in: `ids_keep` (B, K) int64,
-`ids_restore` (B, N) int64 and `mask` (B, N) float (1 = masked, raster order).
+Masks are sampled outside the model (core.masking) and passed in as one dict, `model(imgs, masks)`:
+`ids_keep` (B, K) int64, `ids_restore` (B, N) int64 and `mask` (B, N) float (1 = masked, raster
+order).
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +26,8 @@ __all__ = ["LocalMIMViT", "LocalDecoder", "build_model", "build_pred_head"]
 
 
 def _frozen_table(dim: int, grid: int) -> nn.Parameter:
-    """Fixed 2-D sin-cos table (1, 1+grid^2, dim) with a zero cls row, not trainable (§1.2)."""
+    """Fixed 2-D sin-cos table (1, 1+grid^2, dim) with a zero cls row, not trainable
+    (docs/method.md#sin-cos-position-tables)."""
     table = torch.from_numpy(np.asarray(sincos_2d(dim, grid, cls_token=True), dtype=np.float32))
     return nn.Parameter(table.unsqueeze(0), requires_grad=False)
 
@@ -58,7 +60,8 @@ def build_pred_head(scale: float, dim: int, out_dim: int) -> nn.Sequential:
 
 
 class LocalDecoder(nn.Module):
-    """One branch decoder (§1.4): embed, mask tokens + unshuffle, pos add, blocks, norm, pred head.
+    """One branch decoder (docs/method.md#vit-decoders): embed, mask tokens + unshuffle, pos add,
+    blocks, norm, pred head.
 
     in_dim: encoder width D; dim: decoder width d; grid: patch grid side g (N = g^2);
     out_dim: features per output token; the output grid is scale * g.
@@ -95,7 +98,7 @@ class LocalDecoder(nn.Module):
 
 
 class LocalMIMViT(LocalMIMModel):
-    """LocalMIM ViT pretraining model built from a `core.specs.ViTSpec` (spec §1)."""
+    """LocalMIM ViT pretraining model built from a `core.specs.ViTSpec` (docs/method.md#vit-encoder)."""
 
     def __init__(self, spec: ViTSpec):
         super().__init__()
@@ -106,7 +109,7 @@ class LocalMIMViT(LocalMIMModel):
         self.taps = tuple(spec.taps)
         d = spec.embed_dim
 
-        # Encoder, initialised before the decoders exist (§1.8).
+        # Encoder, initialised before the decoders exist (docs/method.md#initialisation).
         self.patch_embed = PatchEmbed(spec.img_size, spec.patch_size, 3, d)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = _frozen_table(d, spec.grid)
@@ -132,11 +135,12 @@ class LocalMIMViT(LocalMIMModel):
             init_linear_and_norm(module)
 
     # ------------------------------------------------------------------ forward passes
-    def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> List[torch.Tensor]:
-        """imgs (B, 3, S, S), ids_keep (B, K) -> one branch-normed (B, 1+K, D) tap per branch.
+    def forward_encoder(self, imgs: torch.Tensor, masks: Mapping[str, torch.Tensor]) -> List[torch.Tensor]:
+        """imgs (B, 3, S, S), masks["ids_keep"] (B, K) -> one branch-normed (B, 1+K, D) tap per branch.
 
         Blocks after the last tap do not influence the loss and are not run.
         """
+        ids_keep = masks["ids_keep"]
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
         x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
@@ -148,23 +152,11 @@ class LocalMIMViT(LocalMIMModel):
                 latents.append(self.norm[self.taps.index(i)](x))
         return latents
 
-    def forward_decoders(self, latents: Sequence[torch.Tensor], ids_restore: torch.Tensor) -> List[torch.Tensor]:
+    def forward_decoders(self, latents: Sequence[torch.Tensor],
+                         masks: Mapping[str, torch.Tensor]) -> List[torch.Tensor]:
         """One (B, L_k, out_k) prediction per branch, L_k = (scale_k * grid)^2, raster order."""
-        return [dec(z, ids_restore) for dec, z in zip(self.decoder, latents)]
+        return [dec(z, masks["ids_restore"]) for dec, z in zip(self.decoder, latents)]
 
-    def scale_masks(self, mask: torch.Tensor) -> List[torch.Tensor]:
-        """Per-branch float32 masks (B, L_k) from the patch mask (B, N) (§1.6)."""
-        return T.scale_masks(mask, self.spec.grid, self.spec.scales)
-
-    def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor, ids_restore: torch.Tensor,
-                mask: torch.Tensor):
-        """-> (loss, branch_losses): float32 scalar and (num_branches,) float32 (§1.7)."""
-        latents = self.forward_encoder(imgs, ids_keep)
-        preds = self.forward_decoders(latents, ids_restore)
-        targets = self.forward_targets(imgs)
-        return T.localmim_loss(preds, targets, self.scale_masks(mask))
-
-
-def build_model(spec: ViTSpec) -> LocalMIMViT:
-    """The LocalMIM ViT for `spec` (a core.specs.ViTSpec)."""
-    return LocalMIMViT(spec)
+    def branch_masks(self, masks: Mapping[str, torch.Tensor], batch: int) -> List[torch.Tensor]:
+        """Per-branch float32 masks (B, L_k) from the patch mask masks["mask"] (B, N)."""
+        return T.scale_masks(masks["mask"], self.spec.grid, self.spec.scales)

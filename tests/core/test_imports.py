@@ -2,8 +2,8 @@
 import subprocess
 import sys
 
-CORE_MODULES = ["config", "masking", "param_groups", "pos_embed", "schedule", "specs", "state", "swin_plan",
-                "targets"]
+CORE_MODULES = ["config", "files", "keymaps", "layouts", "masking", "param_groups", "pos_embed", "schedule", "specs",
+                "state", "swin_plan", "targets"]
 
 
 def test_core_and_shared_modules_import_no_framework():

@@ -1,4 +1,4 @@
-"""Mask sampling (§1.3 ViT per-sample argsort, §2.2 Swin per-batch cell mask)."""
+"""Mask sampling (docs/method.md#masking): ViT per-sample argsort, Swin per-batch cell mask."""
 import numpy as np
 import pytest
 

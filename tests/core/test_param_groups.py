@@ -1,4 +1,5 @@
-"""Parameter groups from names and shapes: weight decay (§1.9, §2.11) and layer-wise lr decay (§3.1, §3.2)."""
+"""Parameter groups from names and shapes: weight decay (docs/method.md#parameter-groups) and
+layer-wise lr decay (#layer-decay)."""
 import pytest
 
 from localmim.core.param_groups import (

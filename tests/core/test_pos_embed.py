@@ -1,4 +1,5 @@
-"""2-D sin-cos position tables (§1.2): column half first, float64 then float32, zero cls row."""
+"""2-D sin-cos position tables (docs/method.md#sin-cos-position-tables): column half first, float64
+then float32, zero cls row."""
 import math
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""lr scaling and the warmup + cosine schedule (§1.9)."""
+"""lr scaling and the warmup + cosine schedule (docs/method.md#lr-schedule)."""
 import math
 
 import pytest

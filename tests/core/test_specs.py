@@ -1,4 +1,5 @@
-"""Model specs: the branch layout of every registered model and the geometry errors (§1.1, §2.6, H1, H2)."""
+"""Model specs: the branch layout of every registered model and the geometry errors
+(docs/method.md#model-configurations, #swin-branches, #h1, #h2)."""
 import pytest
 
 from localmim.core import specs

@@ -15,7 +15,7 @@ SPECS = ("swin_tiny_test", "swin_demo", "swin_base_patch4_win7", "swin_base_patc
 
 
 def random_cell_mask(spec, seed, ratio=0.75):
-    """The reference rule (§2.2): randperm(L) <= floor(r L), i.e. floor(r L) + 1 masked cells."""
+    """The reference rule (docs/method.md#swin-masking): randperm(L) <= floor(r L), i.e. floor(r L) + 1 masked cells."""
     num = spec.mask_grid ** 2
     return np.random.default_rng(seed).permutation(num) <= int(np.floor(ratio * num))
 

@@ -58,8 +58,8 @@ def make_mask(spec, batch, ratio=0.75, step=0):
 
 
 def mask_tensors(m):
-    """(ids_keep, ids_restore, mask) MindSpore tensors from a VitMask."""
-    return ms.Tensor(m.ids_keep), ms.Tensor(m.ids_restore), ms.Tensor(m.mask)
+    """The ViT models' masks argument {"ids_keep", "ids_restore", "mask"} as MindSpore tensors, from a VitMask."""
+    return {k: ms.Tensor(v) for k, v in m.as_dict().items()}
 
 
 def to_numpy(a):
@@ -75,7 +75,8 @@ def rel_err(a, b):
 
 
 # ------------------------------------------------------------------ float64 numpy references
-# Written from the definitions in the spec (§1.2-§1.4), independent of the MindSpore code.
+# Written from the definitions in docs/method.md#vit-encoder and #vit-decoders, independent of the
+# MindSpore code.
 
 def np_layer_norm(x, w, b, eps=1e-6):
     """LayerNorm over the last axis: biased variance, eps inside the sqrt."""

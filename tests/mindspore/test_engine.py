@@ -12,7 +12,9 @@ ms = pytest.importorskip("mindspore")
 from localmim.backends.mindspore import checkpoint as ckpt  # noqa: E402
 from localmim.backends.mindspore import data as data_mod  # noqa: E402
 from localmim.backends.mindspore import engine, inference  # noqa: E402
-from localmim.backends.mindspore.vit import build_model  # noqa: E402
+from localmim.backends.mindspore import build_model  # noqa: E402
+from localmim.backends import loop  # noqa: E402
+from localmim.backends.runs import LOG_KEYS  # noqa: E402
 from localmim.core import masking  # noqa: E402
 from localmim.core.config import PretrainConfig  # noqa: E402
 
@@ -77,8 +79,8 @@ def test_output_files_and_log_keys(runs):
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert [r["epoch"] for r in log] == [0, 0, 0, 1]
     for r in log:
-        assert tuple(r) == engine.LOG_KEYS
-        assert all(np.isfinite(r[k]) for k in engine.LOG_KEYS)
+        assert tuple(r) == LOG_KEYS
+        assert all(np.isfinite(r[k]) for k in LOG_KEYS)
         np.testing.assert_allclose(r["loss"], sum(r[f"loss_b{k}"] for k in range(4)), rtol=1e-5)
     # lr of optimizer step s: warmup over one epoch (3 steps) from 0 to 1e-3, then cosine
     np.testing.assert_allclose([r["lr"] for r in log[:3]], [0.0, 1e-3 / 3, 2e-3 / 3], rtol=1e-12)
@@ -159,7 +161,7 @@ def test_inference_helpers_reload_the_checkpoint(runs):
         assert out["preds"][k].shape == out["targets"][k].shape == (2, g * g, spec.out_dims()[k])
         assert out["masks"][k].shape == (2, g * g)
     # the model's own loss equals the masked MSE of what reconstruct returns
-    loss, _ = model(ms.Tensor(images), ms.Tensor(m.ids_keep), ms.Tensor(m.ids_restore), ms.Tensor(m.mask))
+    loss, _ = model(ms.Tensor(images), {k: ms.Tensor(v) for k, v in m.as_dict().items()})
     ref = sum(float((((p - t) ** 2).mean(-1) * mk).sum() / mk.sum())
               for p, t, mk in zip(out["preds"], out["targets"], out["masks"]))
     assert float(loss.asnumpy()) == pytest.approx(ref, rel=1e-5)
@@ -262,7 +264,7 @@ def test_fp16_with_loss_scaler_trains_close_to_fp32_and_saves_scaler(tmp_path):
     ms.set_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     ref_model = build_model(cfg.build_spec())
-    loss32, _ = ref_model(*engine._to_tensors(batch))
+    loss32, _ = ref_model(*engine.batch_inputs(batch))
     assert log[0]["loss"] == pytest.approx(float(loss32.asnumpy()), rel=2e-3)
     assert log[0]["loss"] != float(loss32.asnumpy())  # it did run in fp16
     with pytest.raises(ValueError, match="in graph mode .train.compile not false. is not supported"):
@@ -301,11 +303,11 @@ def test_clip_grad_bounds_the_global_norm():
     model = build_model(cfg.build_spec())
     opt = engine.build_optimizer(model, cfg)
     grads = ms.mutable(tuple(ms.Tensor(np.full(p.shape, 0.5, np.float32)) for p in opt.parameters))
-    clipped, finite = engine.TrainStep(model, opt, 1, clip_grad=0.05)._finish(grads)
+    clipped, finite = engine.TrainStep(model, opt, accum=1, clip_grad=0.05)._finish(grads)
     norm = np.sqrt(sum(float((g.asnumpy().astype(np.float64) ** 2).sum()) for g in clipped))
     assert norm == pytest.approx(0.05, rel=1e-5) and bool(finite.asnumpy())
     small = ms.mutable(tuple(ms.Tensor(np.full(p.shape, 1e-6, np.float32)) for p in opt.parameters))
-    unclipped, _ = engine.TrainStep(model, opt, 1, clip_grad=0.05)._finish(small)
+    unclipped, _ = engine.TrainStep(model, opt, accum=1, clip_grad=0.05)._finish(small)
     np.testing.assert_allclose(unclipped[0].asnumpy(), 1e-6, rtol=1e-6)
 
 
@@ -336,3 +338,42 @@ def test_resume_with_a_changed_config_warns(tmp_path):
     cfg.optim.lr = 2e-3
     with pytest.warns(RuntimeWarning, match=r"different config: optim.lr \(0.001 -> 0.002\)"):
         engine.run_pretrain(cfg)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_step_makes_no_host_round_trip_per_micro_batch(tmp_path, monkeypatch, compile):
+    """The accelerator path (no per-step CPU check): with accumulation 2 over 4 optimizer steps and
+    a log line every 2 steps, the step object reads no Tensor back to the host once its graphs are
+    compiled (the first step: compilation reads constants), and the loss rows are fetched once per
+    log line, two steps at a time."""
+    cfg = _cfg(_images(tmp_path / "data"), tmp_path / "run", 4, log_every=2, compile=compile)
+    cfg.data.batch_size, cfg.optim.accum_iter = 2, 2
+    monkeypatch.setattr(loop, "CHECK_EVERY_STEP_ON_CPU", False)
+    reads = {"total": 0}
+    for name in ("asnumpy", "item", "tolist"):
+        real_read = getattr(ms.Tensor, name)
+
+        def counted(self, *args, _real=real_read, **kwargs):
+            reads["total"] += 1
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(ms.Tensor, name, counted)
+    reads_per_call = []
+    for name in ("micro", "apply"):
+        real_call = getattr(engine.TrainStep, name)
+
+        def watched(self, *args, _real=real_call, _name=name, **kwargs):
+            before = reads["total"]
+            out = _real(self, *args, **kwargs)
+            reads_per_call.append((_name, reads["total"] - before))
+            return out
+        monkeypatch.setattr(engine.TrainStep, name, watched)
+    fetched = []
+    real_gather = engine.TrainStep.gather
+    monkeypatch.setattr(engine.TrainStep, "gather", staticmethod(lambda rows: fetched.append(len(rows))
+                                                                 or real_gather(rows)))
+    result = engine.run_pretrain(cfg)
+    assert result["step"] == 4 and np.isfinite(result["loss"])
+    assert [n for n, _ in reads_per_call] == ["micro", "micro", "apply"] * 4
+    assert [r for _, r in reads_per_call[3:]] == [0] * 9  # steps 2-4
+    assert fetched == [2, 2]  # the log lines of steps 2 and 4; the final checkpoint finds nothing pending
+    assert [r["step"] for r in _log(tmp_path / "run")] == [2, 4]

@@ -1,4 +1,4 @@
-"""MindSpore layers against float64 numpy references (spec §1.2-§1.4)."""
+"""MindSpore layers against float64 numpy references (docs/method.md#vit-encoder, #vit-decoders)."""
 
 import numpy as np
 import pytest

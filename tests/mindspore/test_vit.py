@@ -17,7 +17,8 @@ RTOL = 1e-5
 
 
 def expected_shapes(spec):
-    """Canonical names and shapes written from the spec (§1.11, docs/internals.md), not from the model."""
+    """Canonical names and shapes written from docs/internals.md (docs/method.md#checkpoint-layouts), not
+    from the model."""
     d, p, n = spec.embed_dim, spec.patch_size, spec.num_patches
     hid = int(d * spec.mlp_ratio)
     out = {"cls_token": (1, 1, d), "pos_embed": (1, 1 + n, d),
@@ -208,11 +209,11 @@ def run64(h):
     st = _randomise(net, 2)
     imgs = h.make_images(2, spec.img_size, seed=3)
     m = h.make_mask(spec, 2, ratio=0.6)
-    ik, ir, mk = Tensor(m.ids_keep), Tensor(m.ids_restore), Tensor(m.mask)
-    latents = net.forward_encoder(Tensor(imgs), ik)
-    preds = net.forward_decoders(latents, ir)
+    masks = h.mask_tensors(m)
+    latents = net.forward_encoder(Tensor(imgs), masks)
+    preds = net.forward_decoders(latents, masks)
     targets = net.forward_targets(Tensor(imgs))
-    loss, per = net(Tensor(imgs), ik, ir, mk)
+    loss, per = net(Tensor(imgs), masks)
     return dict(spec=spec, net=net, st=st, imgs=imgs, m=m, latents=latents, preds=preds, targets=targets,
                 loss=loss, per=per)
 
@@ -237,9 +238,9 @@ def test_tiny32_encoder_and_decoders_match_numpy(tiny_spec, h, npref):
     st = _randomise(net, 22)
     imgs = h.make_images(1, 32, seed=23)
     m = h.make_mask(tiny_spec, 1)
-    latents = net.forward_encoder(Tensor(imgs), Tensor(m.ids_keep))
+    latents = net.forward_encoder(Tensor(imgs), h.mask_tensors(m))
     ref_latents = np_encoder(st, tiny_spec, imgs, m.ids_keep, npref)
-    preds = net.forward_decoders(latents, Tensor(m.ids_restore))
+    preds = net.forward_decoders(latents, h.mask_tensors(m))
     for k in range(4):
         assert h.rel_err(latents[k], ref_latents[k]) < RTOL
         assert h.rel_err(preds[k], np_decoder(st, tiny_spec, k, ref_latents[k], m.ids_restore, npref)) < RTOL
@@ -280,14 +281,14 @@ def test_forward_targets_bias_and_pixel_match_core(which, request, h):
     _check_targets(ours, ref, pixel=spec.target.kind == "pixel")
 
 
-def test_loss_matches_core(run64):
+def test_loss_matches_core(run64, h):
     spec, m = run64["spec"], run64["m"]
     loss, per = run64["loss"], run64["per"]
     assert loss.dtype == ms.float32 and per.shape == (4,)
     preds = [p.asnumpy() for p in run64["preds"]]
     tgts = [t.asnumpy() for t in run64["targets"]]
     masks = C.scale_masks(m.mask, spec.grid, spec.scales)
-    for ours, ref in zip(run64["net"].scale_masks(Tensor(m.mask)), masks):
+    for ours, ref in zip(run64["net"].branch_masks(h.mask_tensors(m), 2), masks):
         np.testing.assert_array_equal(ours.asnumpy(), ref)
     ref_total, ref_per = C.localmim_loss(preds, tgts, masks)
     np.testing.assert_allclose(per.asnumpy(), ref_per, rtol=RTOL)
@@ -344,13 +345,13 @@ def test_gradients_reach_every_trainable_parameter(tiny_bias_spec, h):
     assert frozen == {"pos_embed"} | {f"decoder.{k}.pos_embed" for k in range(4)} | \
         {f"hog_enc.{k}.conv.{w}" for k in range(4) for w in ("weight", "bias")}
     imgs = Tensor(h.make_images(2, 64, seed=13))
-    ik, ir, mk = h.mask_tensors(h.make_mask(tiny_bias_spec, 2))
+    masks = h.mask_tensors(h.make_mask(tiny_bias_spec, 2))
 
-    def loss_fn(x, a, b, c):
-        return net(x, a, b, c)[0]
+    def loss_fn(x, m):
+        return net(x, m)[0]
 
     grad_fn = ms.value_and_grad(loss_fn, grad_position=None, weights=params)
-    loss, grads = grad_fn(imgs, ik, ir, mk)
+    loss, grads = grad_fn(imgs, masks)
     assert np.isfinite(float(loss.asnumpy()))
     assert len(grads) == len(params)
     for p, g in zip(params, grads):
@@ -364,13 +365,13 @@ def test_construct_under_jit_matches_pynative(tiny_spec, h):
     net = build_model(tiny_spec)
     _randomise(net, 15)
     imgs = Tensor(h.make_images(2, 32, seed=16))
-    args = h.mask_tensors(h.make_mask(tiny_spec, 2))
-    eager_loss, eager_per = net(imgs, *args)
+    masks = h.mask_tensors(h.make_mask(tiny_spec, 2))
+    eager_loss, eager_per = net(imgs, masks)
 
-    def step(x, a, b, c):
-        return net(x, a, b, c)
+    def step(x, m):
+        return net(x, m)
 
-    graph_loss, graph_per = ms.jit(step)(imgs, *args)
+    graph_loss, graph_per = ms.jit(step)(imgs, ms.mutable(masks))
     assert h.rel_err(graph_loss, eager_loss) < RTOL
     assert h.rel_err(graph_per, eager_per) < RTOL
 
@@ -380,7 +381,7 @@ def test_wrong_image_size_and_spec_type(tiny_spec, h):
     net = build_model(tiny_spec)
     m = h.make_mask(tiny_spec, 1)
     with pytest.raises(ValueError, match="expected images of shape"):
-        net(Tensor(np.zeros((1, 3, 48, 48), np.float32)), *h.mask_tensors(m))
+        net(Tensor(np.zeros((1, 3, 48, 48), np.float32)), h.mask_tensors(m))
     with pytest.raises(TypeError, match="ViTSpec"):
         LocalMIMViT(get_spec("swin_tiny_test"))
 

@@ -7,9 +7,8 @@ import mindspore as ms
 from mindspore import Tensor
 
 torch = pytest.importorskip("torch")
-tvit = pytest.importorskip("localmim.backends.torch.vit")
-
 from localmim.backends.mindspore import build_model  # noqa: E402
+from localmim.backends.torch import build_model as build_torch_model  # noqa: E402
 from localmim.backends.mindspore import targets as T  # noqa: E402
 from localmim.core.specs import TargetSpec, get_spec  # noqa: E402
 
@@ -25,7 +24,7 @@ SPECS = {
 def _randomised_torch(spec, seed):
     """A torch model whose trainable weights are all perturbed (zero biases become non-zero)."""
     torch.manual_seed(seed)
-    model = tvit.build_model(spec).eval()
+    model = build_torch_model(spec).eval()
     state = model.export_state()
     rng = np.random.default_rng(seed)
     for k, v in state.items():
@@ -53,25 +52,25 @@ def test_torch_weights_into_mindspore(name, h):
     net.import_state(th.export_state())
     imgs = h.make_images(2, spec.img_size, seed=1)
     m = h.make_mask(spec, 2, ratio=0.6)
-    ik, ir, mk = Tensor(m.ids_keep), Tensor(m.ids_restore), Tensor(m.mask)
+    masks = h.mask_tensors(m)
     timgs = torch.from_numpy(imgs)
-    tk, tr, tm = (torch.from_numpy(a) for a in (m.ids_keep, m.ids_restore, m.mask))
+    tmasks = {k: torch.from_numpy(v) for k, v in m.as_dict().items()}
     with torch.no_grad():
-        th_lat = th.forward_encoder(timgs, tk)
-        th_pred = th.forward_decoders(th_lat, tr)
+        th_lat = th.forward_encoder(timgs, tmasks)
+        th_pred = th.forward_decoders(th_lat, tmasks)
         th_tgt = th.forward_targets(timgs)
-        th_loss, th_per = th(timgs, tk, tr, tm)
-    ms_lat = net.forward_encoder(Tensor(imgs), ik)
-    ms_pred = net.forward_decoders(ms_lat, ir)
+        th_loss, th_per = th(timgs, tmasks)
+    ms_lat = net.forward_encoder(Tensor(imgs), masks)
+    ms_pred = net.forward_decoders(ms_lat, masks)
     ms_tgt = net.forward_targets(Tensor(imgs))
     for a, b in zip(ms_lat, th_lat):
         assert h.rel_err(a, b.numpy()) < RTOL
     for a, b in zip(ms_pred, th_pred):
         assert h.rel_err(a, b.numpy()) < RTOL
     _compare_targets(ms_tgt, th_tgt, pixel=spec.target.kind == "pixel")
-    # construct() == localmim_loss(decoders, targets, scale_masks) is checked in test_vit.py; reuse
+    # construct() == localmim_loss(decoders, targets, branch_masks) is checked in test_vit.py; reuse
     # the pieces here instead of a second forward pass
-    ms_loss, ms_per = T.localmim_loss(ms_pred, ms_tgt, net.scale_masks(mk))
+    ms_loss, ms_per = T.localmim_loss(ms_pred, ms_tgt, net.branch_masks(masks, 2))
     assert h.rel_err(ms_per, th_per.numpy()) < RTOL
     assert h.rel_err(ms_loss, th_loss.numpy()) < RTOL
 
@@ -81,7 +80,7 @@ def test_mindspore_weights_into_torch(h):
     ms.set_seed(5)
     net = build_model(spec)
     state = net.export_state()
-    th = tvit.build_model(spec).eval()
+    th = build_torch_model(spec).eval()
     th.import_state(state)
     back = th.export_state()
     assert sorted(back) == sorted(state)
@@ -90,7 +89,7 @@ def test_mindspore_weights_into_torch(h):
     imgs = h.make_images(1, spec.img_size, seed=6)
     m = h.make_mask(spec, 1)
     with torch.no_grad():
-        th_loss, th_per = th(torch.from_numpy(imgs), *(torch.from_numpy(a) for a in (m.ids_keep, m.ids_restore, m.mask)))
-    ms_loss, ms_per = net(Tensor(imgs), *h.mask_tensors(m))
+        th_loss, th_per = th(torch.from_numpy(imgs), {k: torch.from_numpy(v) for k, v in m.as_dict().items()})
+    ms_loss, ms_per = net(Tensor(imgs), h.mask_tensors(m))
     assert h.rel_err(ms_per, th_per.numpy()) < RTOL
     assert h.rel_err(ms_loss, th_loss.numpy()) < RTOL

@@ -202,11 +202,11 @@ def test_demo_trains_reports_the_loss_and_draws(capsys, fake_engine, image_folde
 def tiny_checkpoint(tmp_path):
     """A real PyTorch training checkpoint (model + config) of vit_tiny_test (32 px)."""
     torch = pytest.importorskip("torch")
-    vit = pytest.importorskip("localmim.backends.torch.vit")
+    backend = pytest.importorskip("localmim.backends.torch")
     pytest.importorskip("localmim.backends.torch.inference")
     cfg = load_config("demo_vit", ["model.name=vit_tiny_test"])
     torch.manual_seed(0)
-    model = vit.build_model(cfg.build_spec())
+    model = backend.build_model(cfg.build_spec())
     path = tmp_path / "checkpoint-1.pth"
     torch.save({"model": model.state_dict(), "config": config_to_dict(cfg)}, path)
     return str(path)
@@ -246,12 +246,12 @@ def test_visualize_missing_checkpoint_is_one_line(capsys, tmp_path):
 
 def test_visualize_a_real_swin_checkpoint(capsys, sample_dir, tmp_path):
     torch = pytest.importorskip("torch")
-    swin = pytest.importorskip("localmim.backends.torch.swin")
+    backend = pytest.importorskip("localmim.backends.torch")
     pytest.importorskip("localmim.backends.torch.inference")
     cfg = load_config("demo_swin", ["model.name=swin_tiny_test"])           # 64 px, 4x4 mask cells
     torch.manual_seed(0)
     ckpt = tmp_path / "checkpoint-2.pth"
-    torch.save({"model": swin.build_swin(cfg.build_spec()).state_dict(), "config": config_to_dict(cfg)}, ckpt)
+    torch.save({"model": backend.build_model(cfg.build_spec()).state_dict(), "config": config_to_dict(cfg)}, ckpt)
     out_png = tmp_path / "swin.png"
     code, _, err = run_cli(capsys, "visualize", "--checkpoint", str(ckpt), "--image",
                            os.path.join(sample_dir, "rocket.png"), "--output", str(out_png), "--seed", "1")

@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from localmim.core import keymaps as K  # noqa: E402
 from localmim.core import state as S  # noqa: E402
 from localmim.core.specs import get_spec  # noqa: E402
 from localmim.tools import convert as C  # noqa: E402
@@ -167,9 +168,9 @@ def test_mae_full_and_encoder_convert_to_our_encoder(tmp_path, capsys):
 # ---------------------------------------------------------------- timm export
 
 def _perturbed_torch_model(seed):
-    vit = pytest.importorskip("localmim.backends.torch.vit")
+    backend = pytest.importorskip("localmim.backends.torch")
     torch.manual_seed(seed)
-    model = vit.build_model(TINY).eval()
+    model = backend.build_model(TINY).eval()
     state = model.export_state()
     rng = np.random.default_rng(seed)
     for k in state:  # make norms and biases non-trivial so the mapping is really exercised
@@ -195,7 +196,7 @@ def test_timm_export_loads_strict_and_matches_last_tap(tmp_path, ext):
     imgs = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))
     ids_keep = torch.arange(TINY.num_patches).expand(2, -1)
     with torch.no_grad():
-        ours = model.forward_encoder(imgs, ids_keep)[-1]
+        ours = model.forward_encoder(imgs, {"ids_keep": ids_keep})[-1]
         theirs = net.forward_features(imgs)
     assert theirs.shape == ours.shape == (2, 17, 32)
     assert torch.max(torch.abs(ours - theirs)).item() < 1e-5
@@ -390,7 +391,7 @@ def swin_loss(state):
 
 def save_official_swin(path, state):
     """The official LocalMIM Swin file: merges TL,TR,BL,BR, relative_position_index, args Namespace."""
-    official = S.to_official_swin(state, SWIN)
+    official = K.to_official_swin(state, SWIN)
     return save_pth(path, official, args=argparse.Namespace(model="mim_swin_tiny", norm_pix_loss=True), epoch=99)
 
 
@@ -427,7 +428,7 @@ def test_writing_the_official_swin_layout_and_reading_it_back(tmp_path, capsys, 
     out = capsys.readouterr().out
     assert "features max abs diff 0.000e+00" in out and "loss abs diff 0.000e+00" in out
     written, _ = C.read_state(str(tmp_path / "off.pth"))
-    expected = S.to_official_swin(state, SWIN)
+    expected = K.to_official_swin(state, SWIN)
     assert_bit_identical(written, expected)
     assert written["encoder.layers.3.blocks.1.attn.relative_position_index"].dtype == np.int64
     assert convert(tmp_path / "off.pth", tmp_path / "ours.ckpt", "--check") == 0
@@ -440,7 +441,7 @@ def test_writing_the_official_swin_layout_and_reading_it_back(tmp_path, capsys, 
 
 def test_from_flag_marks_an_official_swin_without_index_buffers(tmp_path, capsys, swin_model):
     state = swin_model.export_state()
-    official = {k: v for k, v in S.to_official_swin(state, SWIN).items() if not k.endswith("relative_position_index")}
+    official = {k: v for k, v in K.to_official_swin(state, SWIN).items() if not k.endswith("relative_position_index")}
     src = save_pth(tmp_path / "stripped.pth", official)
     assert convert(src, tmp_path / "a.pth", "--from", "official-localmim-swin") == 0
     assert_bit_identical(C.read_state(str(tmp_path / "a.pth"))[0], state)
@@ -456,7 +457,7 @@ def test_swin_timm_export_loads_strict_and_matches_our_encoder(tmp_path, swin_mo
     src = save_pth(tmp_path / "ours.pth", swin_model.export_state())
     assert convert(src, tmp_path / "timm.safetensors", "--to", "timm") == 0
     state, _ = C.read_state(str(tmp_path / "timm.safetensors"))
-    kw = S.timm_swin_kwargs(SWIN)
+    kw = K.timm_swin_kwargs(SWIN)
     model = timm.create_model(kw.pop("model_name"), norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
                               **kw).eval()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
@@ -492,7 +493,7 @@ def test_swin_mismatched_keys_are_named(tmp_path, capsys, swin_model):
     err = capsys.readouterr().err
     assert "encoder.layers.0.downsample.reduction.weight expected (32, 64) found (32, 32)" in err
     assert "decoder.1.pred.bias" in err and not os.path.exists(tmp_path / "o.pth")
-    official = S.to_official_swin(state, SWIN)
+    official = K.to_official_swin(state, SWIN)
     official["encoder.layers.1.blocks.0.attn.relative_position_index"] = np.zeros((16, 16), np.int64)
     assert convert(save_pth(tmp_path / "off.pth", official), tmp_path / "o.pth") == 2
     assert "encoder.layers.1.blocks.0.attn.relative_position_index" in capsys.readouterr().err

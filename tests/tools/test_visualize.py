@@ -101,7 +101,8 @@ def test_different_predictions_give_different_pixels_and_targets_stay():
 
 
 def test_hog_glyph_runs_along_the_edge():
-    """An x ramp has its gradient in bin 4 of 9 (reference §1.5); its edges, and the glyph, are vertical."""
+    """An x ramp has its gradient in bin 4 of 9 (docs/method.md#hog-test-vectors); its edges, and the
+    glyph, are vertical."""
     nbins = 9
     ramp = np.tile(np.arange(32, dtype=np.float32), (32, 1))
     img = np.repeat(ramp[None, None], 3, axis=1)

@@ -46,8 +46,8 @@ def make_mask(spec, batch, ratio=0.75, step=0):
 
 
 def mask_tensors(m):
-    """(ids_keep, ids_restore, mask) torch tensors from a VitMask."""
-    return torch.from_numpy(m.ids_keep), torch.from_numpy(m.ids_restore), torch.from_numpy(m.mask)
+    """The ViT models' masks argument {"ids_keep", "ids_restore", "mask"} as torch tensors, from a VitMask."""
+    return {k: torch.from_numpy(v) for k, v in m.as_dict().items()}
 
 
 def rel_err(a, b):

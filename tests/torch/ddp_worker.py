@@ -19,13 +19,13 @@ def main(config_json: str, out_dir: str) -> None:
     with open(config_json) as f:
         cfg = config_from_dict(json.load(f), where=config_json)
     built = []
-    real_build = engine.build_pretrain_model
+    real_build = engine.build_model
 
     def capture(spec):
         built.append(real_build(spec))
         return built[-1]
 
-    engine.build_pretrain_model = capture
+    engine.build_model = capture
     result = engine.run_pretrain(cfg)
     rank = int(os.environ.get("RANK", "0"))
     torch.save({k: v.detach().clone() for k, v in built[0].state_dict().items()},

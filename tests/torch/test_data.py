@@ -217,15 +217,17 @@ def test_batches_carry_the_core_masks(tmp_path):
     batches = _epoch_batches(cfg, spec, rank=1, world=2, epoch=1)
     assert len(batches) == 1
     for b, batch in enumerate(_epoch_batches(cfg, spec, rank=0, world=1, epoch=1)):
-        assert set(batch) == {"images", "ids_keep", "ids_restore", "mask"}
+        assert set(batch) == {"images", "masks"}
+        assert set(batch["masks"]) == {"ids_keep", "ids_restore", "mask"}
         assert batch["images"].shape == (4, 3, 32, 32) and batch["images"].dtype == torch.float32
         ref = masking.vit_mask(masking.mask_rng(3, 1, b, 0), 4, spec.num_patches, cfg.mask.ratio)
-        assert batch["ids_keep"].dtype == torch.int64 and batch["mask"].dtype == torch.float32
-        np.testing.assert_array_equal(batch["ids_keep"].numpy(), ref.ids_keep)
-        np.testing.assert_array_equal(batch["ids_restore"].numpy(), ref.ids_restore)
-        np.testing.assert_array_equal(batch["mask"].numpy(), ref.mask)
+        masks = batch["masks"]
+        assert masks["ids_keep"].dtype == torch.int64 and masks["mask"].dtype == torch.float32
+        np.testing.assert_array_equal(masks["ids_keep"].numpy(), ref.ids_keep)
+        np.testing.assert_array_equal(masks["ids_restore"].numpy(), ref.ids_restore)
+        np.testing.assert_array_equal(masks["mask"].numpy(), ref.mask)
     ref = masking.vit_mask(masking.mask_rng(3, 1, 0, 1), 4, spec.num_patches, cfg.mask.ratio)
-    np.testing.assert_array_equal(batches[0]["mask"].numpy(), ref.mask)
+    np.testing.assert_array_equal(batches[0]["masks"]["mask"].numpy(), ref.mask)
 
 
 def test_loader_is_independent_of_worker_count_and_resume_offset(tmp_path):
@@ -235,9 +237,7 @@ def test_loader_is_independent_of_worker_count_and_resume_offset(tmp_path):
     parallel = _epoch_batches(_cfg(folder, num_workers=2), spec, epoch=2)
     resumed = _epoch_batches(_cfg(folder, num_workers=0), spec, epoch=2, start=1)
     assert len(serial) == len(parallel) == 3 and len(resumed) == 2
-    for a, b in zip(serial, parallel):
-        for k in a:
-            assert torch.equal(a[k], b[k]), k
-    for a, b in zip(serial[1:], resumed):
-        for k in a:
-            assert torch.equal(a[k], b[k]), k
+    for a, b in list(zip(serial, parallel)) + list(zip(serial[1:], resumed)):
+        assert torch.equal(a["images"], b["images"])
+        for k in a["masks"]:
+            assert torch.equal(a["masks"][k], b["masks"][k]), k

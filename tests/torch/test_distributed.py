@@ -12,7 +12,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from localmim.backends.torch import data, distributed, engine
-from localmim.backends.torch.vit import build_model
+from localmim.backends.torch import build_model
 from localmim.core import schedule
 from localmim.core.config import config_from_dict
 
@@ -74,10 +74,11 @@ def _reference_run(cfg, world: int, steps: int):
         for loader, sampler in loaders:
             sampler.set_epoch(step // steps_per_epoch, first, first + accum)
             batches += list(loader)
-        cat = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        images = torch.cat([b["images"] for b in batches])
+        masks = {k: torch.cat([b["masks"][k] for b in batches]) for k in batches[0]["masks"]}
         engine.set_lr(opt, schedule.lr_for_step(step, steps_per_epoch, base_lr, cfg.optim.min_lr,
                                                 cfg.optim.warmup_epochs, cfg.optim.epochs))
-        loss, _ = model(cat["images"], cat["ids_keep"], cat["ids_restore"], cat["mask"])
+        loss, _ = model(images, masks)
         losses.append(loss.item())
         loss.backward()
         opt.step()

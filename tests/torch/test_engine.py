@@ -7,8 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from localmim.backends import loop
+from localmim.backends.runs import LOG_KEYS
+from localmim.backends.torch import build_model, engine, inference
 from localmim.backends.torch import checkpoint as ckpt
-from localmim.backends.torch import engine, inference
 from localmim.core import config as core_config
 from localmim.core import masking
 from localmim.core import targets as core_targets
@@ -61,7 +63,7 @@ def test_run_writes_log_config_and_checkpoints(image_dir, tmp_path):
     assert [r["step"] for r in log] == [2, 4, 5]
     assert [r["epoch"] for r in log] == [0, 1, 1]  # 12 images / batch 4 = 3 steps per epoch
     for r in log:
-        assert list(r) == list(engine.LOG_KEYS)
+        assert list(r) == list(LOG_KEYS)
         assert np.isfinite(r["loss"]) and r["images_per_s"] > 0 and r["step_time_s"] > 0
         assert r["loss"] == pytest.approx(sum(r[f"loss_b{k}"] for k in range(4)), rel=1e-6)
     assert result["loss"] == pytest.approx(log[-1]["loss"])
@@ -114,7 +116,6 @@ def test_accumulation_equals_one_big_batch_step(image_dir, tmp_path):
     result = engine.run_pretrain(cfg)
     spec = cfg.build_spec()
     from localmim.backends.torch import data
-    from localmim.backends.torch.vit import build_model
     loader, sampler = data.build_pretrain_loader(cfg, spec)
     sampler.set_epoch(0, 0, 2)
     batches = list(loader)
@@ -124,7 +125,7 @@ def test_accumulation_equals_one_big_batch_step(image_dir, tmp_path):
     steps_per_epoch = sampler.batches_per_epoch // 2
     from localmim.core import schedule
     engine.set_lr(opt, schedule.lr_for_step(0, steps_per_epoch, 2e-3, 1e-6, 1, 10))
-    loss = sum(model(b["images"], b["ids_keep"], b["ids_restore"], b["mask"])[0] for b in batches) / 2
+    loss = sum(model(b["images"], b["masks"])[0] for b in batches) / 2
     loss.backward()
     opt.step()
     # lr is 0 at step 0 (warmup), so compare the gradients through Adam's first moment, 0.1 * grad
@@ -174,7 +175,7 @@ def test_non_finite_loss_stops_without_writing(image_dir, tmp_path, monkeypatch,
 
     engine.run_pretrain(_cfg(image_dir, out, steps=3, save_every_steps=3, batch=4))
     monkeypatch.setattr(engine, "build_model", build_poisoned)
-    monkeypatch.setattr(engine, "CHECK_EVERY_STEP_ON_CPU", not deferred)
+    monkeypatch.setattr(loop, "CHECK_EVERY_STEP_ON_CPU", not deferred)
     cfg = _cfg(image_dir, out, steps=9, save_every_steps=3, batch=4, log_every=10 if deferred else 1)
     with pytest.raises(engine.NonFiniteLossError) as err:
         engine.run_pretrain(cfg)
@@ -242,9 +243,9 @@ def test_swin_pretraining_runs_resumes_and_reconstructs(tmp_path):
     batch = next(iter(loader))
     cell = masking.swin_cell_mask(masking.mask_rng(0, 1, 0, 0), spec.mask_grid, 0.75)
     ref = build_swin_plan(spec, cell).to_arrays()
-    assert set(batch["plan"]) == set(ref)
+    assert set(batch["masks"]) == set(ref)
     for k, v in ref.items():
-        np.testing.assert_array_equal(batch["plan"][k].numpy(), v, err_msg=k)
+        np.testing.assert_array_equal(batch["masks"][k].numpy(), v, err_msg=k)
 
     straight = engine.run_pretrain(c)
     engine.run_pretrain(cfg(tmp_path / "b", 2))
@@ -259,9 +260,8 @@ def test_swin_pretraining_runs_resumes_and_reconstructs(tmp_path):
     model, spec = inference.load_model(straight["checkpoint"])
     out = inference.reconstruct(model, batch["images"].numpy(), cell)
     total, _ = core_targets.localmim_loss(out["preds"], out["targets"], out["masks"])
-    plan = {k: v for k, v in batch["plan"].items()}
     with torch.no_grad():
-        loss, _ = model(batch["images"], plan)
+        loss, _ = model(batch["images"], batch["masks"])
     assert total == pytest.approx(loss.item(), rel=1e-5)
     for m, br in zip(out["masks"], spec.branches()):
         assert m.shape == (2, br.grid ** 2)

@@ -1,5 +1,5 @@
-"""LocalMIMViT (PyTorch) against an independent float64 numpy forward, core targets/loss, §1.8
-initialisation, §1.10 shapes and the canonical-state contract."""
+"""LocalMIMViT (PyTorch) against an independent float64 numpy forward, core targets/loss, the
+initialisation and shapes (docs/method.md#initialisation, #vit-shapes) and the canonical-state contract."""
 import math
 
 import numpy as np
@@ -148,25 +148,25 @@ def test_state_keys_are_canonical(tiny_spec, tiny_bias_spec, tiny_pixel_spec):
 
 
 def test_vit_base_geometry_shapes(h):
-    """§1.10 shapes with ViT-B geometry (224 px, patch 16, 12 blocks) at a tiny width."""
+    """The shapes of docs/method.md#vit-shapes with ViT-B geometry (224 px, patch 16, 12 blocks) at a tiny width."""
     spec = ViTSpec("vitb_geometry", patch_size=16, embed_dim=32, depth=12, num_heads=2, decoder_dim=16,
                    decoder_heads=2)
     assert spec.taps == (1, 3, 9, 11)
     torch.manual_seed(0)
     model = build_model(spec).eval()
-    ids_keep, ids_restore, mask = h.mask_tensors(h.make_mask(spec, 1))
+    masks = h.mask_tensors(h.make_mask(spec, 1))
     imgs = torch.from_numpy(h.make_images(1, 224))
     with torch.no_grad():
-        lat = model.forward_encoder(imgs, ids_keep)
-        preds = model.forward_decoders(lat, ids_restore)
+        lat = model.forward_encoder(imgs, masks)
+        preds = model.forward_decoders(lat, masks)
         tgts = model.forward_targets(imgs)
     assert [tuple(z.shape) for z in lat] == [(1, 50, 32)] * 4
     want = [(1, 3136, 27), (1, 784, 27), (1, 196, 27), (1, 49, 27)]
     assert [tuple(p.shape) for p in preds] == want and [tuple(t.shape) for t in tgts] == want
-    assert [tuple(m.shape) for m in model.scale_masks(mask)] == [(1, 3136), (1, 784), (1, 196), (1, 49)]
+    assert [tuple(m.shape) for m in model.branch_masks(masks, 1)] == [(1, 3136), (1, 784), (1, 196), (1, 49)]
     assert tuple(model.decoder[0].pred[0].weight.shape) == (16, 8, 2, 2)
     with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 224, 224\)"):
-        model.forward_encoder(torch.zeros(1, 3, 64, 64), ids_keep)
+        model.forward_encoder(torch.zeros(1, 3, 64, 64), masks)
 
 
 @pytest.mark.parametrize("spec_name", ["tiny_spec", "tiny64_spec"])
@@ -177,11 +177,11 @@ def test_forward_matches_numpy(spec_name, request, h):
     _perturb(model)
     s = _f64(model.export_state())
     vm = h.make_mask(spec, 2)
-    ids_keep, ids_restore, _ = h.mask_tensors(vm)
+    masks = h.mask_tensors(vm)
     imgs = h.make_images(2, spec.img_size)
     with torch.no_grad():
-        lat = model.forward_encoder(torch.from_numpy(imgs), ids_keep)
-        preds = model.forward_decoders(lat, ids_restore)
+        lat = model.forward_encoder(torch.from_numpy(imgs), masks)
+        preds = model.forward_decoders(lat, masks)
     want_lat = np_encoder(s, spec, imgs.astype(np.float64), vm.ids_keep)
     assert len(lat) == 4
     for got, want in zip(lat, want_lat):
@@ -202,10 +202,10 @@ def test_targets_and_loss_match_core(tiny64_spec, h):
     for g, w in zip(tgts, want_t):
         assert g.dtype == torch.float32 and not g.requires_grad
         assert (np.abs(g.numpy() - w).max(-1) > 1e-5).mean() < 0.01
-    loss, branch = model(torch.from_numpy(imgs), *h.mask_tensors(vm))
+    loss, branch = model(torch.from_numpy(imgs), h.mask_tensors(vm))
     with torch.no_grad():
-        preds = model.forward_decoders(model.forward_encoder(torch.from_numpy(imgs), torch.from_numpy(vm.ids_keep)),
-                                       torch.from_numpy(vm.ids_restore))
+        preds = model.forward_decoders(model.forward_encoder(torch.from_numpy(imgs), h.mask_tensors(vm)),
+                                       h.mask_tensors(vm))
     masks = C.scale_masks(vm.mask, tiny64_spec.grid, tiny64_spec.scales)
     want_total, want_branch = C.localmim_loss([p.numpy() for p in preds], [t.numpy() for t in tgts], masks)
     assert loss.dtype == torch.float32 and branch.shape == (4,)
@@ -240,7 +240,7 @@ def test_pixel_targets_model(tiny_pixel_spec, h):
     assert [t.shape[-1] for t in tgts] == [12, 48, 192, 768] == list(tiny_pixel_spec.out_dims())
     for g, w in zip(tgts, want):
         assert h.rel_err(g, w) < 1e-5
-    loss, _ = model(torch.from_numpy(imgs), *h.mask_tensors(h.make_mask(tiny_pixel_spec, 2)))
+    loss, _ = model(torch.from_numpy(imgs), h.mask_tensors(h.make_mask(tiny_pixel_spec, 2)))
     assert torch.isfinite(loss)
 
 
@@ -330,7 +330,7 @@ def test_export_import_round_trip_and_errors(tiny_bias_spec):
 def test_gradients_reach_every_trainable_parameter(tiny_spec, h):
     torch.manual_seed(0)
     model = build_model(tiny_spec)
-    loss, branch = model(torch.from_numpy(h.make_images(2, 32)), *h.mask_tensors(h.make_mask(tiny_spec, 2)))
+    loss, branch = model(torch.from_numpy(h.make_images(2, 32)), h.mask_tensors(h.make_mask(tiny_spec, 2)))
     assert torch.allclose(loss, branch.sum())
     loss.backward()
     for name, p in model.named_parameters():
@@ -348,11 +348,11 @@ def test_bf16_autocast_forward(tiny64_spec, h):
     model = build_model(tiny64_spec)
     imgs = torch.from_numpy(h.make_images(2, 64))
     masks = h.mask_tensors(h.make_mask(tiny64_spec, 2))
-    ref_loss, _ = model(imgs, *masks)
+    ref_loss, _ = model(imgs, masks)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        preds = model.forward_decoders(model.forward_encoder(imgs, masks[0]), masks[1])
+        preds = model.forward_decoders(model.forward_encoder(imgs, masks), masks)
         tgts = model.forward_targets(imgs)
-        loss, branch = model(imgs, *masks)
+        loss, branch = model(imgs, masks)
     assert preds[2].dtype == torch.bfloat16
     assert all(t.dtype == torch.float32 for t in tgts)
     assert loss.dtype == torch.float32 and branch.dtype == torch.float32

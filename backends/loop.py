@@ -1,0 +1,133 @@
+"""The training loop of both backends: epochs, accumulation, the lr of every optimizer step,
+logging, checkpoints, exact resume, the non-finite check and the progress bar.
+
+`train(cfg, stepper, loader, sampler, ckpt, ...)` drives a backend's step object; everything that
+touches a framework is in that object, so the two backends cannot drift apart here. A step object
+(the `TrainStep` of `backends/torch/engine.py` and `backends/mindspore/engine.py`) has:
+
+- `set_lr(lr)`            the lr of the next optimizer step (each param group gets lr x its lr_scale);
+- `micro(batch, sync)`    forward + backward of one loader batch, gradient and loss row added to the
+                          step's running sums; `sync` is True on the last micro-batch of a step (DDP
+                          reduces gradients then). Must not wait for the device;
+- `apply()`               the optimizer update from the summed gradients (reduce over ranks, unscale,
+                          clip, step, zero) -> the step's loss row [loss, loss_b0, ...] (mean of its
+                          micro-batches), still on the device;
+- `gather(rows)`          a list of loss rows -> (n, 1 + branches) numpy array, mean over ranks: the
+                          one host sync, made only for a log line, a checkpoint or the CPU check;
+- `states()`              (model state, optimizer state, scaler state or None) for a checkpoint;
+- `load_states(payload, path)` the inverse, from a checkpoint payload;
+- `model_shapes()`        {name: shape-like} of the model, to check a checkpoint's model state.
+
+Counting and files are those of `backends/runs.py`: `step` is the number of optimizer steps done;
+optimizer step s uses core.schedule.lr_for_step(s, steps_per_epoch, ...); micro-batch b of an epoch
+is the sampler's batch b, so a resumed run starts at batch (step % steps_per_epoch) * accum of its
+epoch and reproduces the uninterrupted run. This module imports numpy and localmim only.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Callable, Dict, Optional
+
+import numpy as np
+
+from localmim.backends import runs
+from localmim.core import schedule
+
+__all__ = ["CHECK_EVERY_STEP_ON_CPU", "seed_host", "train"]
+
+# On CPU a per-step finiteness check costs nothing, so a bad loss is caught at once; on accelerators
+# the losses stay on the device until the next log line or checkpoint (no host sync in the step).
+CHECK_EVERY_STEP_ON_CPU = True
+
+
+def seed_host(seed: int) -> None:
+    """Seed the host-side global generators (Python's and numpy's) both backends may touch."""
+    random.seed(int(seed))
+    np.random.seed(int(seed))
+
+
+def _lr_of(cfg, base_lr: float, steps_per_epoch: int) -> Callable[[int], float]:
+    """Optimizer step index -> its lr (warmup + cosine, counted in optimizer steps)."""
+    o = cfg.optim
+    return lambda s: schedule.lr_for_step(s, steps_per_epoch, base_lr, o.min_lr, o.warmup_epochs, o.epochs)
+
+
+def train(cfg, stepper, loader, sampler, ckpt, *, rank: int = 0, world: int = 1, on_cpu: bool = True,
+          barrier: Callable[[], None] = lambda: None) -> Dict:
+    """Train (or resume) as `cfg` says with `stepper` on the batches of `loader`.
+
+    loader / sampler: an iterable of batches of the sampler's current window and the
+    ShardedBatchSampler behind it (`set_epoch(epoch, start_batch, num_batches)`,
+    `batches_per_epoch`). ckpt: the backend's checkpoint module. barrier: the backend's collective
+    barrier (a no-op in one process). The output folder must exist.
+
+    Returns {"step", "loss" (the last step's loss, or the last logged one when nothing was left to
+    do), "checkpoint" (the newest checkpoint path), "output_dir"}. Raises NonFiniteLossError
+    naming the first bad step, before any later checkpoint is written.
+    """
+    out = os.path.abspath(cfg.train.output_dir)
+    main = rank == 0
+    accum = runs.accum_steps(cfg)
+    steps_per_epoch, total = runs.plan_steps(cfg, sampler.batches_per_epoch, accum)
+    lr_of = _lr_of(cfg, cfg.resolved_lr(world), steps_per_epoch)
+
+    step = 0
+    last_ckpt, payload = runs.load_latest(ckpt, out, stepper.model_shapes)
+    if payload is not None:
+        stepper.load_states(payload, last_ckpt)
+        step = int(payload["step"])
+        runs.warn_config_change(last_ckpt, payload.get("config"), cfg, main)
+        del payload
+    log_path = runs.start_output(cfg, out, step, main)
+    barrier()
+    if step >= total:
+        return {"step": step, "loss": runs.last_logged_loss(log_path), "checkpoint": last_ckpt, "output_dir": out}
+
+    tracker = runs.LossTracker(out, steps_per_epoch, stepper.gather, ckpt.latest_checkpoint)
+    check_every_step = on_cpu and CHECK_EVERY_STEP_ON_CPU
+    log_every, save_every, save_epochs = runs.loop_intervals(cfg)
+
+    def save(at_step: int) -> str:
+        tracker.fetch()  # raises before anything is written if a loss went non-finite
+        path = runs.save_run_checkpoint(ckpt, out, at_step, steps_per_epoch, cfg, stepper.states, main)
+        barrier()
+        return path
+
+    logger = runs.StepLogger(log_path, total, step, steps_per_epoch, cfg.data.batch_size * accum * world, main,
+                             cfg.train.progress)
+    saved_at: Optional[int] = None
+    lr = lr_of(step)
+    try:
+        while step < total:
+            epoch = step // steps_per_epoch
+            first_micro = (step % steps_per_epoch) * accum
+            sampler.set_epoch(epoch, first_micro, steps_per_epoch * accum)
+            for micro, batch in enumerate(loader, start=first_micro):
+                if micro % accum == 0:
+                    lr = lr_of(step)
+                    stepper.set_lr(lr)
+                last_micro = (micro + 1) % accum == 0
+                stepper.micro(batch, sync=last_micro)
+                if not last_micro:
+                    continue
+
+                step += 1
+                tracker.add(stepper.apply(), step)
+                if check_every_step:
+                    tracker.fetch()
+                logger.step_done()
+                if step % log_every == 0 or step == total:
+                    logger.log(step, tracker.take_window(), lr)
+                if runs.save_due(step, total, steps_per_epoch, save_every, save_epochs):
+                    last_ckpt = save(step)
+                    saved_at = step
+                    logger.restart_clock_if_empty()  # keep checkpoint writing out of images_per_s
+                if step >= total:
+                    break
+        if saved_at != step:
+            last_ckpt = save(step)
+        tracker.fetch()
+    finally:
+        logger.close()
+    return {"step": step, "loss": tracker.last_loss, "checkpoint": last_ckpt, "output_dir": out}
