@@ -15,10 +15,10 @@ optimizer step s is core.schedule.lr_for_step(s, steps_per_epoch, ...). A run st
 same output folder resumes from its newest checkpoint and reproduces the uninterrupted run: data
 order, augmentation and masks are functions of (seed, epoch, index), not of saved RNG state.
 
-This module owns everything about that folder and the loop that does not touch a framework:
-atomic file writes, checkpoint naming / listing / pruning, the model-state key check, log.jsonl
-writing and trimming at resume, the per-step loss tracker, the config-change check at resume and
-the step / checkpoint schedule. It imports numpy, json, yaml (through core.config) and
+This module owns everything about that folder that does not touch a framework: checkpoint naming
+/ listing / pruning, the model-state key check, log.jsonl writing and trimming at resume, the
+per-step loss tracker, the config-change check at resume and the step / checkpoint schedule; the
+loop that uses them is backends/loop.py, and files are written through core.files. It imports numpy, json, yaml (through core.config) and
 localmim.core only, never torch or mindspore.
 """
 from __future__ import annotations

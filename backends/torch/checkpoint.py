@@ -81,9 +81,9 @@ def load_checkpoint(path: str, map_location="cpu", require: Iterable[str] = CHEC
     return payload
 
 
-def check_model_state(path: str, state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+def check_model_state(path: str, state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple]) -> None:
     """Raise CheckpointError naming missing, unexpected and mis-shaped keys of `state` vs `expected`.
 
-    expected: the model's state_dict(). path: only used in the message (the file the state came from).
+    expected: {name: shape} of the model (e.g. model.state_shapes()). path: only for the message.
     """
-    runs.check_model_state(path, state, {k: tuple(v.shape) for k, v in expected.items()})
+    runs.check_model_state(path, state, expected)

@@ -164,8 +164,8 @@ class TrainStep:
         if self.scaler is not None and payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
 
-    def model_shapes(self) -> Dict[str, torch.Size]:
-        return {k: v.shape for k, v in self.model.state_dict().items()}
+    def model_shapes(self) -> Dict[str, tuple]:
+        return self.model.state_shapes()
 
 
 # ---------------------------------------------------------------------------------------- run

@@ -24,7 +24,7 @@ def load_model(checkpoint_path: str, device="cpu") -> Tuple[torch.nn.Module, obj
     payload = ckpt.load_checkpoint(checkpoint_path, require=("model", "config"))
     spec = runs.spec_from_checkpoint(checkpoint_path, payload["config"])
     model = build_model(spec)
-    ckpt.check_model_state(checkpoint_path, payload["model"], model.state_dict())
+    ckpt.check_model_state(checkpoint_path, payload["model"], model.state_shapes())
     model.load_state_dict(payload["model"])
     return model.to(device).eval(), spec
 

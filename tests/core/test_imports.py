@@ -8,7 +8,7 @@ CORE_MODULES = ["config", "files", "keymaps", "layouts", "masking", "param_group
 
 def test_core_and_shared_modules_import_no_framework():
     imports = [f"localmim.core.{m}" for m in CORE_MODULES] + [
-        "localmim.backends.images", "localmim.backends.runs", "localmim.tools.cli"]
+        "localmim.backends.images", "localmim.backends.loop", "localmim.backends.runs", "localmim.tools.cli"]
     code = (f"import importlib, sys\nfor m in {imports!r}: importlib.import_module(m)\n"
             "loaded = [f for f in ('torch', 'mindspore', 'timm', 'torchvision') if f in sys.modules]\n"
             "assert not loaded, loaded\n")

@@ -200,8 +200,7 @@ def test_inference_reconstructs_like_the_training_forward(image_dir, tmp_path):
         np.testing.assert_array_equal(got, ref)
     total, _ = core_targets.localmim_loss(out["preds"], out["targets"], out["masks"])
     with torch.no_grad():
-        loss, _ = model(torch.from_numpy(imgs), torch.from_numpy(m.ids_keep), torch.from_numpy(m.ids_restore),
-                        torch.from_numpy(m.mask))
+        loss, _ = model(torch.from_numpy(imgs), {k: torch.from_numpy(v) for k, v in m.as_dict().items()})
     assert total == pytest.approx(loss.item(), rel=1e-5)
     with pytest.raises(ValueError, match="do not fit model vit_tiny_test"):
         inference.reconstruct(model, imgs[:, :, :16, :16], m)
