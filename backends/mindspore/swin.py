@@ -1,56 +1,67 @@
-"""LocalMIM Swin for pretraining in MindSpore (twin of backends/torch/swin.py; spec §2).
+"""LocalMIM Swin for pretraining in MindSpore (docs/method.md#swin-variant): a Swin encoder that
+attends among the visible tokens only (GreenMIM "group window attention",
+docs/method.md#swin-window-attention), four branch LayerNorms (`encoder.norm.{k}`) on the stage
+outputs after patch merging (#swin-branches), four transformer decoders (`decoder.{k}`,
+#swin-decoders) and, for HOG targets, frozen gradient filters (`hog_enc.{k}`). Twin of
+backends/torch/swin.py: the same functions and classes, in the same order.
 
-A Swin encoder that attends among the visible tokens only (GreenMIM "group window attention",
-§2.4), four branch LayerNorms (`encoder.norm.{k}`) on the stage outputs after patch merging
-(§2.6), four transformer decoders (`decoder.{k}`, §2.7) and, for HOG targets, frozen gradient
-filters (`hog_enc.{k}`). MindSpore parameter names are the canonical names of docs/internals.md,
-so `export_state()` is a plain name -> numpy map.
+All integer bookkeeping of a batch's mask lives in a plan built on the CPU by
+`core.swin_plan.build_swin_plan(spec, cell_mask)` (the data loader); the model takes it as
+`masks`: a `SwinPlan` (PyNative only) or its `to_arrays()` dict as MindSpore Tensors
+(`plan_tensors` converts; the form to pass under `ms.jit`), and only gathers and scatters with it.
+Only `SwinEncoder` and `LocalMIMSwin` read plan keys (`window_inputs` names them); stages,
+blocks and attention take tensors. Grouping into windows happens inside `WindowAttention`,
+around the attention proper, so qkv and proj run on the N visible tokens, not on the padded
+groups:
 
-Every integer of the masked forward comes from `core.swin_plan.build_swin_plan` (built by the data
-loader) and is passed in as `plan`: a `SwinPlan`, its `to_arrays()` dict, or that dict with
-MindSpore Tensors (`plan_tensors(plan)`; the form to pass under `ms.jit`). The model only gathers
-and scatters with it:
-
-    tokens   = patch_embed(imgs)[:, patch_index]                      (B, N0, C), cell-major
-    block    = x + proj(attn(group(LN(x))))  then  x + MLP(LN(x))       group/ungroup with the plan
-    merge    = Linear(LN(concat(x[:, merge_index])))                  (B, N_next, 2C), TL BL TR BR
-    latent_k = encoder.norm.k(stage k output after its merging)        (B, N_{k+1}, in_k)
-    pred_k   = pred(norm(blocks(scatter(embed(latent_k)) + pos_embed)))   (B, g_k^2, out_k), raster
+    tokens   = patch_embed(imgs)[:, patch_index]                       (B, N0, C), cell-major
+    block    = x + proj(ungroup(attn(group(qkv(LN(x))))))  then  x + MLP(LN(x))
+    merge    = Linear(LN(concat(x[:, merge_index])))                   (B, N_next, 2C), TL BL TR BR
+    latent_k = encoder.norm.k(stage k output after its merging)         (B, N_{k+1}, in_k)
+    pred_k   = pred(norm(blocks(scatter(embed(latent_k)) + pos_embed)))    (B, g_k^2, out_k), raster
 
 Defects D1 (scrambled coordinates after merging) and D2 (TL, TR, BL, BR merge order) of the
 reference are fixed by the plan (true coordinates, Swin order TL, BL, TR, BR). With a plan built
 with fixed `pad_groups_to` and `group_size` every shape is static, so `construct` compiles under
-`ms.jit` (spec O2).
+`ms.jit` (docs/method.md#o2). Under ms.jit the plan's keys are compile-time strings (loop indices over
+stages and configurations are unrolled), and a window configuration travels as a plain tuple:
+a NamedTuple passed between Cells under ms.jit silently got zero gradients (MindSpore 2.10).
+MindSpore parameter names are the canonical names of docs/internals.md, so `export_state()` is a
+plain name -> numpy map; there is no `relative_position_index` buffer.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, TruncatedNormal, Uniform, initializer
 
+from localmim.backends.mindspore import targets as T
+from localmim.backends.mindspore.layers import LN_EPS, Block, LayerNorm, Linear, Mlp, PatchEmbed
+from localmim.backends.mindspore.model import LocalMIMModel
 from localmim.core.pos_embed import sincos_2d
 from localmim.core.specs import SwinSpec
-from localmim.core.state import StateError  # re-exported
 from localmim.core.swin_plan import SwinPlan
-from localmim.backends.mindspore import targets as T
-from localmim.backends.mindspore.model import LocalMIMModel
-from localmim.backends.mindspore.layers import LN_EPS, Block, LayerNorm, Linear, Mlp, PatchEmbed
 
 __all__ = [
-    "WindowAttention", "SwinBlock", "PatchMerging", "SwinPatchEmbed", "SwinStage", "SwinEncoder",
-    "SwinDecoder", "LocalMIMSwin", "build_swin", "plan_tensors", "StateError",
+    "plan_tensors", "window_inputs", "group_tokens", "ungroup_tokens", "WindowAttention", "SwinBlock",
+    "PatchMerging", "SwinPatchEmbed", "SwinStage", "SwinEncoder", "SwinDecoder", "LocalMIMSwin",
 ]
 
+PlanLike = Union[SwinPlan, Mapping[str, object]]
+# One window configuration of a stage: (group_index, ungroup_index, attn_mask, rel_index).
+Window = Tuple[Tensor, Tensor, Tensor, Tensor]
+WINDOW_KEYS = ("group_index", "ungroup_index", "attn_mask", "rel_index")
 
-def plan_tensors(plan) -> Dict[str, Tensor]:
-    """The plan as a dict of MindSpore Tensors (the keys of `SwinPlan.to_arrays()`).
 
-    plan: a `core.swin_plan.SwinPlan`, or a dict of numpy arrays / Tensors with those keys.
-    Index arrays become int64 Tensors, masks keep their dtype (float32 / bool).
+def plan_tensors(plan: PlanLike) -> Dict[str, Tensor]:
+    """A Swin plan as the dict of MindSpore Tensors the model reads (the keys of `SwinPlan.to_arrays()`).
+
+    plan: a core.swin_plan.SwinPlan or its `to_arrays()` dict (numpy arrays or Tensors).
+    Integer arrays become int64, masks keep their dtype (bool / float32).
     """
     if isinstance(plan, SwinPlan):
         plan = plan.to_arrays()
@@ -68,54 +79,31 @@ def plan_tensors(plan) -> Dict[str, Tensor]:
     return out
 
 
-def _require_keys(plan: dict, keys, where: str) -> None:
+def _require_keys(plan: Mapping[str, object], keys: Sequence[str], where: str) -> None:
     missing = [k for k in keys if k not in plan]
     if missing:
         raise KeyError(f"Swin plan for {where} lacks keys {missing[:6]} (build it with "
                        f"core.swin_plan.build_swin_plan for this spec)")
 
 
-class WindowAttention(nn.Cell):
-    """Multi-head attention inside groups of visible tokens with Swin's relative position bias.
+def window_inputs(masks, stage: int, config: int) -> Window:
+    """Window configuration `config` (0 plain, 1 shifted) of `stage` as the plan holds it.
 
-    qkv.weight (3*dim, dim) rows [q | k | v], heads contiguous; relative_position_bias_table
-    ((2w-1)^2, heads). No relative_position_index buffer: indices come from the plan.
+    Returns (group_index (G, S) int64 rows of the visible sequence, -1 for a pad slot;
+    ungroup_index (N,) int64 slot of each token in the flattened groups; attn_mask (G, S, S)
+    float32, 0 within a window, -100 across windows and for pads; rel_index (G, S, S) int64
+    relative-position index, 0 where masked).
     """
+    prefix = f"stage{stage}.win{config}."
+    return (masks[prefix + "group_index"], masks[prefix + "ungroup_index"], masks[prefix + "attn_mask"],
+            masks[prefix + "rel_index"])
 
-    def __init__(self, dim: int, window: int, num_heads: int):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"WindowAttention: dim {dim} is not divisible by num_heads {num_heads}")
-        self.dim = int(dim)
-        self.window = int(window)
-        self.num_heads = int(num_heads)
-        self.head_dim = self.dim // self.num_heads
-        self.scale = self.head_dim ** -0.5
-        self.relative_position_bias_table = Parameter(
-            Tensor(np.zeros(((2 * self.window - 1) ** 2, self.num_heads), np.float32)),
-            name="relative_position_bias_table")
-        self.qkv = Linear(self.dim, 3 * self.dim)
-        self.proj = Linear(self.dim, self.dim)
 
-    def construct(self, x, attn_mask, rel_index):
-        """x: (B, G, S, dim) grouped tokens; attn_mask (G, S, S) float32 0 / -100; rel_index (G, S, S)
-        int64. Returns (B, G, S, dim). Logits: q k^T * scale + table[rel] * (mask == 0), then + mask."""
-        b, g, s, c = x.shape
-        h, hd = self.num_heads, self.head_dim
-        qkv = self.qkv(x).reshape(b, g, s, 3, h, hd).transpose(3, 0, 1, 4, 2, 5)   # (3, B, G, h, S, hd)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = ops.matmul(q * self.scale, k.swapaxes(-1, -2))                       # (B, G, h, S, S)
-        bias = ops.gather(self.relative_position_bias_table, rel_index.reshape(-1), 0)
-        bias = bias.reshape(g, s, s, h).transpose(0, 3, 1, 2)                       # (G, h, S, S)
-        keep = (attn_mask == 0).astype(bias.dtype).reshape(g, 1, s, s)
-        attn = attn + (bias * keep).expand_dims(0)
-        attn = attn + attn_mask.reshape(1, g, 1, s, s)
-        attn = ops.softmax(attn, axis=-1)
-        out = ops.matmul(attn, v).transpose(0, 1, 3, 2, 4).reshape(b, g, s, c)       # (B, G, S, dim)
-        return self.proj(out)
-
-    def extend_repr(self):
-        return f"dim={self.dim}, window={self.window}, num_heads={self.num_heads}"
+def _masking_mode(group_index, num_tokens: int, window: int) -> bool:
+    """Masking mode (N <= 2 w^2, docs/method.md#swin-window-attention): one group holding the
+    sequence in order, so grouping and ungrouping are the identity and are skipped. Shapes only: a
+    constant under ms.jit."""
+    return num_tokens <= 2 * window * window and tuple(group_index.shape) == (1, num_tokens)
 
 
 def group_tokens(x, group_index):
@@ -133,28 +121,79 @@ def ungroup_tokens(x, ungroup_index):
     return ops.gather(x.reshape(b, g * s, c), ungroup_index, 1)
 
 
+class WindowAttention(nn.Cell):
+    """Window attention among visible tokens with Swin's relative position bias (docs/method.md#swin-window-attention).
+
+    dim: channels C; window: w (table ((2w-1)^2, heads)); qkv fused (3C, C) with bias, rows
+    [q | k | v], heads contiguous. Within a group of S slots:
+    softmax(q k^T * hd^-0.5 + table[rel_index] * (attn_mask == 0) + attn_mask) v.
+    """
+
+    def __init__(self, dim: int, window: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"WindowAttention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim = int(dim)
+        self.window = int(window)
+        self.num_heads = int(num_heads)
+        self.head_dim = self.dim // self.num_heads
+        self.scale = self.head_dim ** -0.5
+        self.relative_position_bias_table = Parameter(
+            Tensor(np.zeros(((2 * self.window - 1) ** 2, self.num_heads), np.float32)),
+            name="relative_position_bias_table")
+        self.qkv = Linear(self.dim, 3 * self.dim)
+        self.proj = Linear(self.dim, self.dim)
+
+    def relative_bias(self, attn_mask, rel_index):
+        """(G, heads, S, S) float32: the table's bias on same-window pairs (attn_mask == 0), else 0."""
+        g, s, _ = rel_index.shape
+        bias = ops.gather(self.relative_position_bias_table, rel_index.reshape(-1), 0)
+        bias = bias.reshape(g, s, s, self.num_heads).transpose(0, 3, 1, 2)
+        keep = (attn_mask == 0).astype(bias.dtype).reshape(g, 1, s, s)
+        return bias * keep
+
+    def construct(self, x, win):
+        """x: (B, N, C) normed visible tokens; win: `window_inputs(...)` of this block -> (B, N, C)."""
+        group_index, ungroup_index, attn_mask, rel_index = win
+        b, n, c = x.shape
+        g, s = group_index.shape
+        h, hd = self.num_heads, self.head_dim
+        one_group = _masking_mode(group_index, n, self.window)
+        qkv = self.qkv(x)
+        # Pad slots hold a zero row; their keys sit behind the -100 mask and their query rows
+        # are dropped by ungrouping, so what they hold does not matter.
+        qkv = qkv.reshape(b, 1, n, 3 * c) if one_group else group_tokens(qkv, group_index)
+        qkv = qkv.reshape(b, g, s, 3, h, hd).transpose(3, 0, 1, 4, 2, 5)            # (3, B, G, h, S, hd)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ops.matmul(q * self.scale, k.swapaxes(-1, -2))                       # (B, G, h, S, S)
+        attn = attn + self.relative_bias(attn_mask, rel_index).expand_dims(0)
+        attn = attn + attn_mask.reshape(1, g, 1, s, s)
+        attn = ops.softmax(attn, axis=-1)
+        out = ops.matmul(attn, v).transpose(0, 1, 3, 2, 4).reshape(b, g, s, c)       # (B, G, S, C)
+        out = out.reshape(b, n, c) if one_group else ungroup_tokens(out, ungroup_index)
+        return self.proj(out)
+
+    def extend_repr(self):
+        return f"dim={self.dim}, window={self.window}, num_heads={self.num_heads}"
+
+
 class SwinBlock(nn.Cell):
-    """Swin block on visible tokens: x + Attn(group(LN(x))), then x + MLP(LN(x)); LN eps 1e-6."""
+    """Pre-norm Swin block on visible tokens: x + WA(LN(x)), then x + MLP(LN(x)); LN eps 1e-6.
+
+    LayerNorm and MLP are per token, so they run on the ungrouped (B, N, C) sequence; only the
+    attention sees groups.
+    """
 
     def __init__(self, dim: int, num_heads: int, window: int, mlp_ratio: float = 4.0):
         super().__init__()
-        self.window = int(window)
         self.norm1 = LayerNorm(dim, eps=LN_EPS)
         self.attn = WindowAttention(dim, window, num_heads)
         self.norm2 = LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def construct(self, x, group_index, ungroup_index, attn_mask, rel_index):
-        """x: (B, N, dim) visible tokens of the stage -> (B, N, dim)."""
-        b, n, c = x.shape
-        g, s = group_index.shape
-        if n <= 2 * self.window * self.window and g == 1 and s == n:
-            # masking mode (§2.4): one group holding the sequence in order, no gathers needed
-            y = self.attn(self.norm1(x).reshape(b, 1, n, c), attn_mask, rel_index).reshape(b, n, c)
-        else:
-            y = group_tokens(self.norm1(x), group_index)
-            y = ungroup_tokens(self.attn(y, attn_mask, rel_index), ungroup_index)
-        x = x + y
+    def construct(self, x, win):
+        """x: (B, N, C) visible tokens of the stage; win: `window_inputs(...)` -> (B, N, C)."""
+        x = x + self.attn(self.norm1(x), win)
         return x + self.mlp(self.norm2(x))
 
 
@@ -168,20 +207,18 @@ class PatchMerging(nn.Cell):
         self.reduction = Linear(4 * self.dim, 2 * self.dim, bias=False)
 
     def construct(self, x, merge_index):
-        """x (B, N, C), merge_index (N', 4) int64 -> (B, N', 2C)."""
+        """x: (B, N, C), merge_index: (N', 4) int64 -> (B, N', 2C)."""
         b, _, c = x.shape
-        m = merge_index.shape[0]
-        x = ops.gather(x, merge_index.reshape(-1), 1).reshape(b, m, 4 * c)
+        n_next = merge_index.shape[0]
+        x = ops.gather(x, merge_index.reshape(-1), 1).reshape(b, n_next, 4 * c)
         return self.reduction(self.norm(x))
 
 
 class SwinPatchEmbed(PatchEmbed):
-    """Patch embedding (conv as patchify + matmul, `proj.weight` (C, 3, p, p)) then LayerNorm `norm`.
+    """p x p conv patches + LayerNorm (patch_norm on, docs/method.md#model-configurations):
+    (B, 3, S, S) -> (B, (S/p)^2, C) raster."""
 
-    (B, 3, S, S) -> (B, (S/p)^2, C) in raster order of the patch grid.
-    """
-
-    def __init__(self, img_size: int, patch_size: int, in_chans: int = 3, embed_dim: int = 96):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int = 3, embed_dim: int = 128):
         super().__init__(img_size, patch_size, in_chans, embed_dim)
         self.norm = LayerNorm(embed_dim, eps=LN_EPS)
 
@@ -190,104 +227,106 @@ class SwinPatchEmbed(PatchEmbed):
 
 
 class SwinStage(nn.Cell):
-    """One stage (`encoder.layers.{s}`): blocks alternating plain / shifted windows, then merging."""
+    """One stage (`encoder.layers.{s}`): blocks alternating plain / shifted windows, then merging.
 
-    def __init__(self, dim: int, depth: int, num_heads: int, window: int, num_windows: int,
-                 downsample: bool, mlp_ratio: float = 4.0):
+    window: the stage's window side (the resolution when smaller); shifted: whether odd blocks use
+    shifted windows (plan config 1), so the stage reads `num_windows` (1 or 2) configurations.
+    """
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window: int, shifted: bool,
+                 mlp_ratio: float = 4.0, downsample: bool = True):
         super().__init__()
-        self.num_windows = int(num_windows)
+        self.num_windows = 2 if shifted else 1
         self.blocks = nn.CellList([SwinBlock(dim, num_heads, window, mlp_ratio) for _ in range(depth)])
         self.downsample = PatchMerging(dim) if downsample else None
 
     def construct(self, x, windows, merge_index):
-        """x (B, N, C); windows: tuple over window configurations of (group_index, ungroup_index,
-        attn_mask, rel_index); merge_index (N', 4) or None -> (B, N', 2C) (or (B, N, C) without merging)."""
-        for b in range(len(self.blocks)):
-            gi, ui, am, ri = windows[b % self.num_windows]
-            x = self.blocks[b](x, gi, ui, am, ri)
+        """x: (B, N, C) visible tokens; windows: the stage's `window_inputs` per configuration;
+        merge_index: (N', 4) int64, None without merging -> (B, N', 2C) (or (B, N, C) as is)."""
+        for b, blk in enumerate(self.blocks):
+            x = blk(x, windows[b % len(windows)])
         if self.downsample is not None:
             x = self.downsample(x, merge_index)
         return x
 
 
 class SwinEncoder(nn.Cell):
-    """The `encoder.` subtree: patch_embed, layers.{s}, norm.{k} (branch LayerNorms)."""
+    """The masked Swin encoder (`encoder.*`): patch_embed, layers.{s}, norm.{k} (branch LayerNorms)."""
 
     def __init__(self, spec: SwinSpec):
         super().__init__()
         self.spec = spec
-        self.num_stages = spec.num_stages
+        last = spec.num_stages - 1
         self.patch_embed = SwinPatchEmbed(spec.img_size, spec.patch_size, 3, spec.embed_dim)
         self.layers = nn.CellList([
             SwinStage(spec.stage_dim(i), spec.depths[i], spec.num_heads[i], spec.stage_window(i),
-                      2 if spec.stage_shift(i) > 0 else 1, i < spec.num_stages - 1, spec.mlp_ratio)
+                      spec.stage_shift(i) > 0, spec.mlp_ratio, downsample=i < last)
             for i in range(spec.num_stages)])
-        self.norm = nn.CellList([LayerNorm(b.in_dim, eps=LN_EPS) for b in spec.branches()])
+        self.norm = nn.CellList([LayerNorm(br.in_dim, eps=LN_EPS) for br in spec.branches()])
 
-    def construct(self, imgs, plan):
-        """imgs (B, 3, S, S), plan dict of Tensors -> list of branch latents (B, N_{k+1}, in_k)."""
-        x = ops.gather(self.patch_embed(imgs), plan["patch_index"], 1)
+    def construct(self, imgs, masks):
+        """imgs (B, 3, S, S), masks: the plan's Tensors -> one branch-normed (B, N_{k+1}, in_k)
+        latent per stage (cell-major)."""
+        x = ops.gather(self.patch_embed(imgs), masks["patch_index"], 1)
         latents = []
-        for i in range(self.num_stages):
-            stage = self.layers[i]
-            windows = tuple(
-                (plan[f"stage{i}.win{j}.group_index"], plan[f"stage{i}.win{j}.ungroup_index"],
-                 plan[f"stage{i}.win{j}.attn_mask"], plan[f"stage{i}.win{j}.rel_index"])
-                for j in range(stage.num_windows))
-            merge = plan[f"stage{i}.merge_index"] if i < self.num_stages - 1 else None
-            x = stage(x, windows, merge)
+        for i, stage in enumerate(self.layers):
+            windows = tuple(window_inputs(masks, i, j) for j in range(stage.num_windows))
+            merge_index = masks[f"stage{i}.merge_index"] if stage.downsample is not None else None
+            x = stage(x, windows, merge_index)
             latents.append(self.norm[i](x))
         return latents
 
 
-class SwinDecoder(nn.Cell):
-    """Decoder k (`decoder.{k}`, spec §2.7): embed, mask tokens, scatter to raster, pos-embed, blocks, norm, pred.
+def _frozen_table(dim: int, grid: int) -> Parameter:
+    """Fixed 2-D sin-cos table (1, grid^2, dim) without a cls row, not trainable (docs/method.md#swin-decoders)."""
+    table = np.asarray(sincos_2d(dim, grid, cls_token=False), dtype=np.float32)[None]
+    return Parameter(Tensor(table), name="pos_embed", requires_grad=False)
 
-    latent (B, N, in_dim) visible tokens (cell-major) -> (B, g*g, out_dim) in raster order.
+
+class SwinDecoder(nn.Cell):
+    """One branch decoder (`decoder.{k}`, docs/method.md#swin-decoders): embed, mask tokens at the masked raster
+    positions, sin-cos pos, ViT blocks (qkv bias), LayerNorm, Linear d -> out. No cls token, no
+    rescaling head.
+
+    in_dim: latent width; dim: decoder width d; grid: output tokens per side g.
     """
 
     def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, grid: int, out_dim: int,
                  mlp_ratio: float = 4.0):
         super().__init__()
-        self.dim = int(dim)
         self.grid = int(grid)
-        self.num_tokens = self.grid * self.grid
         self.embed = Linear(in_dim, dim)
         self.mask_token = Parameter(Tensor(np.zeros((1, 1, dim), np.float32)), name="mask_token")
-        self.pos_embed = Parameter(Tensor(sincos_2d(dim, self.grid, cls_token=False)[None]),
-                                   name="pos_embed", requires_grad=False)
+        self.pos_embed = _frozen_table(dim, self.grid)
         self.blocks = nn.CellList([Block(dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = LayerNorm(dim, LN_EPS)
         self.pred = Linear(dim, out_dim)
 
-    def construct(self, latent, scatter, mask):
-        """scatter (N,) int64 raster positions of the visible tokens; mask (g*g,) float32, 1 = masked."""
-        x = self.embed(latent)
+    def construct(self, x, scatter):
+        """x: (B, N_vis, in_dim) latent, cell-major; scatter: (N_vis,) int64 raster position of each
+        token -> (B, g*g, out_dim) in raster order."""
+        x = self.embed(x)
         b, n, d = x.shape
-        length = self.num_tokens
-        # positions not in `scatter` stay 0 and receive the mask token through `mask`
-        full = ops.scatter_nd(scatter.reshape(n, 1), x.transpose(1, 0, 2), (length, b, d)).transpose(1, 0, 2)
-        full = full + self.mask_token * mask.astype(x.dtype).reshape(1, length, 1)
-        x = full + self.pos_embed
+        full = ops.broadcast_to(self.mask_token.astype(x.dtype), (b, self.grid * self.grid, d))
+        index = ops.broadcast_to(scatter.reshape(1, n, 1), (b, n, d))
+        x = ops.tensor_scatter_elements(full, index, x, axis=1) + self.pos_embed
         for blk in self.blocks:
             x = blk(x)
         return self.pred(self.norm(x))
 
 
 class LocalMIMSwin(LocalMIMModel):
-    """LocalMIM Swin pretraining model built from a `core.specs.SwinSpec`.
+    """LocalMIM Swin pretraining model built from a `core.specs.SwinSpec` (docs/method.md#swin-variant).
 
-    Public methods (same names as the torch twin): forward_encoder(imgs, plan),
-    forward_decoders(latents, plan), forward_targets(imgs), construct(imgs, plan) (the torch
-    `forward`) -> (loss, branch_losses), export_state(), import_state(state).
+    `masks` of every method (and of `construct(imgs, masks)` -> (loss, branch_losses), from
+    LocalMIMModel) is the batch's plan: `plan_tensors(build_swin_plan(spec, cell_mask))`, one plan
+    for the whole batch (docs/method.md#swin-masking); a SwinPlan is converted (PyNative only).
     """
 
     def __init__(self, spec: SwinSpec):
         if not isinstance(spec, SwinSpec):
             raise TypeError(f"LocalMIMSwin needs a core.specs.SwinSpec, got {type(spec).__name__}")
         super().__init__(spec)
-        self.num_stages = spec.num_stages
-
         self.encoder = SwinEncoder(spec)
         self.decoder = nn.CellList([
             SwinDecoder(b.in_dim, b.decoder_dim, b.decoder_depth, b.decoder_heads, b.grid, out, spec.mlp_ratio)
@@ -298,7 +337,7 @@ class LocalMIMSwin(LocalMIMModel):
             self.hog_enc = None
         self._init_weights()
 
-    # ---------------------------------------------------------------- initialisation (§2.10, §2.7)
+    # ------------------------------------------------ initialisation (docs/method.md#initialisation)
 
     @staticmethod
     def _set(param: Parameter, init):
@@ -306,7 +345,8 @@ class LocalMIMSwin(LocalMIMModel):
 
     def _init_weights(self):
         """Xavier linears with zero bias, LN 1/0 (as built), trunc_normal(0.02) bias tables,
-        normal(0.02) mask tokens, patch embed xavier on its 2-D view + U(+-1/sqrt(3 p^2)) bias."""
+        normal(0.02) mask tokens, patch embed xavier on its 2-D view + U(+-1/sqrt(3 p^2)) bias
+        (PyTorch's default conv bias; the torch twin draws these in its constructors)."""
         w = self.encoder.patch_embed.proj.weight
         fan_out, fan_in = w.shape[0], int(np.prod(w.shape[1:]))
         self._set(w, Uniform(math.sqrt(6.0 / (fan_in + fan_out))))
@@ -324,57 +364,42 @@ class LocalMIMSwin(LocalMIMModel):
 
     # ---------------------------------------------------------------- forward passes
 
-    def _plan(self, plan):
-        """Tensors of the plan; a SwinPlan or numpy dict is converted (PyNative only)."""
-        if isinstance(plan, SwinPlan):
-            return plan_tensors(plan)
-        if isinstance(plan, dict):
-            return plan
-        raise TypeError(f"a Swin plan must be a SwinPlan or a dict of arrays, got {type(plan).__name__}")
+    def _plan(self, masks: PlanLike):
+        """The plan's Tensors; a SwinPlan is converted (PyNative only)."""
+        if isinstance(masks, SwinPlan):
+            return plan_tensors(masks)
+        if isinstance(masks, dict):
+            return masks
+        raise TypeError(f"a Swin plan must be a SwinPlan or a dict of arrays, got {type(masks).__name__}")
 
-    def check_plan(self, plan) -> Dict[str, Tensor]:
-        """Convert `plan` to Tensors and check it has every key this spec's forward reads (PyNative)."""
-        plan = plan_tensors(plan)
+    def check_plan(self, masks: PlanLike) -> Dict[str, Tensor]:
+        """`plan_tensors(masks)`, checked to hold every key this spec's forward reads (KeyError
+        naming the missing ones). PyNative only: under ms.jit a missing key fails compilation."""
+        plan = plan_tensors(masks)
         keys = ["patch_index"]
-        for i in range(self.num_stages):
-            n_win = self.encoder.layers[i].num_windows
-            keys += [f"stage{i}.win{j}.{a}" for j in range(n_win)
-                     for a in ("group_index", "ungroup_index", "attn_mask", "rel_index")]
-            if i < self.num_stages - 1:
+        for i, stage in enumerate(self.encoder.layers):
+            keys += [f"stage{i}.win{j}.{a}" for j in range(stage.num_windows) for a in WINDOW_KEYS]
+            if stage.downsample is not None:
                 keys.append(f"stage{i}.merge_index")
         keys += [f"branch{k}.{a}" for k in range(self.num_branches) for a in ("scatter", "mask")]
         _require_keys(plan, keys, self.spec.name)
         return plan
 
-    def forward_encoder(self, imgs, plan) -> List[Tensor]:
-        """imgs (B, 3, S, S) -> branch-normed latents, k-th (B, N_vis of stage min(k+1, last), in_k)."""
-        return self.encoder(imgs, self._plan(plan))
+    def forward_encoder(self, imgs, masks: PlanLike) -> List[Tensor]:
+        """imgs (B, 3, S, S) -> per branch k a branch-normed (B, N_vis of stage min(k+1, last), in_k)
+        latent, cell-major."""
+        return self.encoder(imgs, self._plan(masks))
 
-    def forward_decoders(self, latents, plan) -> List[Tensor]:
+    def forward_decoders(self, latents, masks: PlanLike) -> List[Tensor]:
         """Branch k decodes latents[k] -> (B, g_k^2, out_k) in raster order of its grid."""
-        plan = self._plan(plan)
-        return [self.decoder[k](latents[k], plan[f"branch{k}.scatter"], plan[f"branch{k}.mask"])
-                for k in range(self.num_branches)]
+        masks = self._plan(masks)
+        return [self.decoder[k](latents[k], masks[f"branch{k}.scatter"]) for k in range(self.num_branches)]
 
-    def branch_masks(self, plan, batch: int) -> List[Tensor]:
+    def branch_masks(self, masks: PlanLike, batch: int) -> List[Tensor]:
         """Per-branch float32 masks (B, g_k^2), 1 = masked: the plan's branch masks over the batch."""
-        plan = self._plan(plan)
+        masks = self._plan(masks)
         out = []
         for k in range(self.num_branches):
-            m = plan[f"branch{k}.mask"].astype(ms.float32)
+            m = masks[f"branch{k}.mask"].astype(ms.float32)
             out.append(ops.broadcast_to(m.reshape(1, -1), (batch, m.shape[0])))
         return out
-
-    def construct(self, imgs, plan):
-        """Pretraining loss: (loss scalar, branch_losses (num_branches,)), both float32."""
-        plan = self._plan(plan)
-        latents = self.encoder(imgs, plan)
-        preds = self.forward_decoders(latents, plan)
-        targets = self.forward_targets(imgs)
-        masks = self.branch_masks(plan, imgs.shape[0])
-        return T.localmim_loss(preds, targets, masks)
-
-
-def build_swin(spec: SwinSpec) -> LocalMIMSwin:
-    """The LocalMIM Swin for a spec (PyNative Cell; wrap calls in ms.jit for graph mode)."""
-    return LocalMIMSwin(spec)

@@ -1,21 +1,34 @@
-"""LocalMIM Swin for pretraining (spec §2): a Swin encoder that runs on visible tokens only
-(GreenMIM group window attention), four ViT-block decoders and HOG or pixel targets.
+"""LocalMIM Swin for pretraining (docs/method.md#swin-variant): a Swin encoder that runs on visible
+tokens only (GreenMIM group window attention, docs/method.md#swin-window-attention), four branch
+LayerNorms on the stage outputs after merging (docs/method.md#swin-branches), four ViT-block
+decoders (#swin-decoders) and HOG or pixel targets. Twin of backends/mindspore/swin.py: the same
+functions and classes, in the same order.
 
 All integer bookkeeping of a batch's mask lives in a plan built on the CPU by
-`core.swin_plan.build_swin_plan(spec, cell_mask)`; the model takes `plan.to_arrays()` as a dict
-of torch tensors on its device (`plan_tensors` converts) and only gathers and scatters with it:
-no Python loops over windows or groups and no host sync in the forward pass.
+`core.swin_plan.build_swin_plan(spec, cell_mask)`; the model takes it as `masks`, the dict
+`plan.to_arrays()` of torch tensors on its device (`plan_tensors` converts), and only gathers and
+scatters with it: no Python loops over windows or groups and no host sync in the forward pass.
+Only `SwinEncoder` and `LocalMIMSwin` read plan keys (`window_inputs` names them); stages,
+blocks and attention take tensors. Grouping into windows happens inside `WindowAttention`,
+around the attention proper, so qkv and proj run on the N visible tokens, not on the padded
+groups:
 
-Token order inside the encoder is cell-major (§2.3) and every coordinate is the true one (defect
-D1 fixed); patch merging concatenates its 2x2 sources in Swin's order TL, BL, TR, BR (defect D2
-fixed), so the encoder weights load into a standard Swin for fine-tuning.
+    tokens   = patch_embed(imgs)[:, patch_index]                       (B, N0, C), cell-major
+    block    = x + proj(ungroup(attn(group(qkv(LN(x))))))  then  x + MLP(LN(x))
+    merge    = Linear(LN(concat(x[:, merge_index])))                   (B, N_next, 2C), TL BL TR BR
+    latent_k = encoder.norm.k(stage k output after its merging)         (B, N_{k+1}, in_k)
+    pred_k   = pred(norm(blocks(scatter(embed(latent_k)) + pos_embed)))    (B, g_k^2, out_k), raster
+
+Token order inside the encoder is cell-major (docs/method.md#swin-token-order) and every coordinate
+is the true one (defect D1 fixed); patch merging concatenates its 2x2 sources in Swin's order TL,
+BL, TR, BR (defect D2 fixed), so the encoder weights load into a standard Swin for fine-tuning.
 
 `model.state_dict()` keys are the canonical Swin names of docs/internals.md (the official
 `encoder.` layout); there is no `relative_position_index` buffer.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, NamedTuple, Sequence, Union
+from typing import Dict, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -30,15 +43,18 @@ from localmim.core.specs import SwinSpec
 from localmim.core.swin_plan import SwinPlan
 
 __all__ = [
-    "LocalMIMSwin", "SwinEncoder", "SwinStage", "SwinBlock", "WindowAttention", "PatchMerging",
-    "SwinPatchEmbed", "SwinDecoder", "WindowInputs", "window_inputs", "plan_tensors", "build_swin",
+    "plan_tensors", "window_inputs", "group_tokens", "ungroup_tokens", "WindowAttention", "SwinBlock",
+    "PatchMerging", "SwinPatchEmbed", "SwinStage", "SwinEncoder", "SwinDecoder", "LocalMIMSwin",
 ]
 
 PlanLike = Union[SwinPlan, Mapping[str, object]]
+# One window configuration of a stage: (group_index, ungroup_index, attn_mask, rel_index).
+Window = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+WINDOW_KEYS = ("group_index", "ungroup_index", "attn_mask", "rel_index")
 
 
 def plan_tensors(plan: PlanLike, device=None) -> Dict[str, torch.Tensor]:
-    """A Swin plan as the dict of torch tensors the model reads.
+    """A Swin plan as the dict of torch tensors the model reads (the keys of `SwinPlan.to_arrays()`).
 
     plan: a core.swin_plan.SwinPlan or its `to_arrays()` dict (numpy arrays or tensors).
     Integer arrays become int64, masks keep their dtype (bool / float32); all go to `device`.
@@ -48,55 +64,53 @@ def plan_tensors(plan: PlanLike, device=None) -> Dict[str, torch.Tensor]:
             for k, v in arrays.items()}
 
 
-def _plan_get(plan: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
-    if key not in plan:
-        raise KeyError(f"Swin plan lacks key {key!r}; build it with core.swin_plan.build_swin_plan "
-                       f"for this model's spec and pass plan_tensors(plan)")
-    return plan[key]
+def _require_keys(plan: Mapping[str, object], keys: Sequence[str], where: str) -> None:
+    missing = [k for k in keys if k not in plan]
+    if missing:
+        raise KeyError(f"Swin plan for {where} lacks keys {missing[:6]} (build it with "
+                       f"core.swin_plan.build_swin_plan for this spec)")
 
 
-class WindowInputs(NamedTuple):
-    """One stage's window configuration, ready for `WindowAttention` (see `window_inputs`).
+def window_inputs(masks: Mapping[str, torch.Tensor], stage: int, config: int) -> Window:
+    """Window configuration `config` (0 plain, 1 shifted) of `stage` as the plan holds it.
 
-    gather: (G*S,) int64 rows of the visible sequence padded with one zero row at index N, or
-        None in masking mode (one group = the whole sequence in order).
-    ungather: (N,) int64 positions in the flattened grouped sequence (None in masking mode).
-    keep: (G, S, S) float, 1 where the attention mask is 0 (same window), else 0.
-    mask: (G, S, S) float32 additive mask, 0 or -100.
-    rel_index: (G, S, S) int64 relative-position index (0 where masked).
-    """
-    gather: Union[torch.Tensor, None]
-    ungather: Union[torch.Tensor, None]
-    keep: torch.Tensor
-    mask: torch.Tensor
-    rel_index: torch.Tensor
-
-
-def window_inputs(plan: Mapping[str, torch.Tensor], stage: int, config: int, num_tokens: int,
-                  window: int) -> WindowInputs:
-    """Prepare window configuration `config` (0 plain, 1 shifted) of `stage` once per forward.
-
-    num_tokens: N, visible tokens at the stage; window: the stage's window side w. The masking
-    mode (N <= 2 w^2, §2.4) is one group holding the sequence in order, so it needs no gathers.
+    Returns (group_index (G, S) int64 rows of the visible sequence, -1 for a pad slot;
+    ungroup_index (N,) int64 slot of each token in the flattened groups; attn_mask (G, S, S)
+    float32, 0 within a window, -100 across windows and for pads; rel_index (G, S, S) int64
+    relative-position index, 0 where masked).
     """
     prefix = f"stage{stage}.win{config}."
-    group_index = _plan_get(plan, prefix + "group_index")
-    attn_mask = _plan_get(plan, prefix + "attn_mask").float()
-    rel_index = _plan_get(plan, prefix + "rel_index")
-    keep = (attn_mask == 0).to(attn_mask.dtype)
-    masking = num_tokens <= 2 * window * window and tuple(group_index.shape) == (1, num_tokens)
-    if masking:
-        return WindowInputs(None, None, keep, attn_mask, rel_index)
-    gather = torch.where(group_index < 0, torch.full_like(group_index, num_tokens), group_index)
-    ungather = _plan_get(plan, prefix + "ungroup_index")
-    return WindowInputs(gather.reshape(-1), ungather, keep, attn_mask, rel_index)
+    return (masks[prefix + "group_index"], masks[prefix + "ungroup_index"], masks[prefix + "attn_mask"],
+            masks[prefix + "rel_index"])
+
+
+def _masking_mode(group_index: torch.Tensor, num_tokens: int, window: int) -> bool:
+    """Masking mode (N <= 2 w^2, docs/method.md#swin-window-attention): one group holding the
+    sequence in order, so grouping and ungrouping are the identity and are skipped."""
+    return num_tokens <= 2 * window * window and tuple(group_index.shape) == (1, num_tokens)
+
+
+def group_tokens(x: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) -> (B, G, S, C): slot (g, s) holds x[:, group_index[g, s]], a zero row where it is -1."""
+    b, n, c = x.shape
+    g, s = group_index.shape
+    padded = torch.cat([x, x.new_zeros(b, 1, c)], dim=1)
+    index = torch.where(group_index < 0, torch.full_like(group_index, n), group_index)
+    return padded.index_select(1, index.reshape(-1)).view(b, g, s, c)
+
+
+def ungroup_tokens(x: torch.Tensor, ungroup_index: torch.Tensor) -> torch.Tensor:
+    """(B, G, S, C) -> (B, N, C): token i is slot ungroup_index[i] of the flattened groups (pads dropped)."""
+    b, g, s, c = x.shape
+    return x.reshape(b, g * s, c).index_select(1, ungroup_index)
 
 
 class WindowAttention(nn.Module):
-    """Window attention among visible tokens with Swin's relative position bias (§2.4).
+    """Window attention among visible tokens with Swin's relative position bias (docs/method.md#swin-window-attention).
 
-    dim: channels C; window: w (table ((2w-1)^2, heads)); qkv fused (3C, C) with bias.
-    Within a group of S slots: softmax(q k^T * hd^-0.5 + table[rel_index] * keep + mask) v.
+    dim: channels C; window: w (table ((2w-1)^2, heads)); qkv fused (3C, C) with bias, rows
+    [q | k | v], heads contiguous. Within a group of S slots:
+    softmax(q k^T * hd^-0.5 + table[rel_index] * (attn_mask == 0) + attn_mask) v.
     """
 
     def __init__(self, dim: int, window: int, num_heads: int):
@@ -112,31 +126,31 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def attention_bias(self, win: WindowInputs) -> torch.Tensor:
-        """(G, heads, S, S) float32 additive term: relative bias on same-window pairs + mask."""
-        g, s, _ = win.rel_index.shape
-        bias = self.relative_position_bias_table[win.rel_index.reshape(-1)].view(g, s, s, self.num_heads)
-        bias = bias * win.keep.unsqueeze(-1)
-        return bias.permute(0, 3, 1, 2) + win.mask.unsqueeze(1)
+    def relative_bias(self, attn_mask: torch.Tensor, rel_index: torch.Tensor) -> torch.Tensor:
+        """(G, heads, S, S) float32: the table's bias on same-window pairs (attn_mask == 0), else 0."""
+        g, s, _ = rel_index.shape
+        bias = self.relative_position_bias_table[rel_index.reshape(-1)].view(g, s, s, self.num_heads)
+        keep = (attn_mask == 0).to(bias.dtype)
+        return (bias * keep.unsqueeze(-1)).permute(0, 3, 1, 2)
 
-    def forward(self, x: torch.Tensor, win: WindowInputs) -> torch.Tensor:
-        """x: (B, N, C) normed visible tokens -> (B, N, C)."""
+    def forward(self, x: torch.Tensor, win: Window) -> torch.Tensor:
+        """x: (B, N, C) normed visible tokens; win: `window_inputs(...)` of this block -> (B, N, C)."""
+        group_index, ungroup_index, attn_mask, rel_index = win
         b, n, c = x.shape
+        g, s = group_index.shape
+        one_group = _masking_mode(group_index, n, self.window)
         qkv = self.qkv(x)
-        if win.gather is not None:
-            # Pad slots read a zero row; their keys sit behind the -100 mask and their query rows
-            # are dropped by `ungather`, so what they hold does not matter.
-            pad = qkv.new_zeros(b, 1, 3 * c)
-            qkv = torch.cat([qkv, pad], dim=1).index_select(1, win.gather)
-        g, s, _ = win.rel_index.shape
+        # Pad slots hold a zero row; their keys sit behind the -100 mask and their query rows
+        # are dropped by ungrouping, so what they hold does not matter.
+        qkv = qkv.view(b, 1, n, 3 * c) if one_group else group_tokens(qkv, group_index)
         # Groups share the head axis so one broadcast (1, G*h, S, S) mask serves every sample.
         qkv = qkv.view(b, g, s, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
         q, k, v = qkv.reshape(3, b, g * self.num_heads, s, self.head_dim).unbind(0)
-        bias = self.attention_bias(win).reshape(1, g * self.num_heads, s, s).to(q.dtype)
+        bias = self.relative_bias(attn_mask, rel_index) + attn_mask.unsqueeze(1)
+        bias = bias.reshape(1, g * self.num_heads, s, s).to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        out = out.view(b, g, self.num_heads, s, self.head_dim).permute(0, 1, 3, 2, 4).reshape(b, g * s, c)
-        if win.ungather is not None:
-            out = out.index_select(1, win.ungather)
+        out = out.view(b, g, self.num_heads, s, self.head_dim).permute(0, 1, 3, 2, 4).reshape(b, g, s, c)
+        out = out.view(b, n, c) if one_group else ungroup_tokens(out, ungroup_index)
         return self.proj(out)
 
     def extra_repr(self) -> str:
@@ -144,7 +158,7 @@ class WindowAttention(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    """Pre-norm Swin block on visible tokens: x + WA(LN(x)), then x + MLP(LN(x)).
+    """Pre-norm Swin block on visible tokens: x + WA(LN(x)), then x + MLP(LN(x)); LN eps 1e-6.
 
     LayerNorm and MLP are per token, so they run on the ungrouped (B, N, C) sequence; only the
     attention sees groups.
@@ -157,14 +171,14 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, win: WindowInputs) -> torch.Tensor:
-        """x: (B, N, C) -> (B, N, C)."""
+    def forward(self, x: torch.Tensor, win: Window) -> torch.Tensor:
+        """x: (B, N, C) visible tokens of the stage; win: `window_inputs(...)` -> (B, N, C)."""
         x = x + self.attn(self.norm1(x), win)
         return x + self.mlp(self.norm2(x))
 
 
 class PatchMerging(nn.Module):
-    """2x2 merging of visible tokens: gather (N', 4) sources (TL, BL, TR, BR) -> LN(4C) -> 4C->2C."""
+    """2x2 merging of visible tokens: gather (N', 4) sources TL, BL, TR, BR -> LN(4C) -> Linear(4C, 2C, no bias)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -180,34 +194,9 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
-class SwinStage(nn.Module):
-    """One stage (`encoder.layers.{s}`): blocks alternating plain / shifted windows, then merging.
-
-    window: the stage's window side (the resolution when smaller); shifted: whether odd blocks use
-    shifted windows (plan config 1).
-    """
-
-    def __init__(self, dim: int, depth: int, num_heads: int, window: int, shifted: bool,
-                 mlp_ratio: float = 4.0, downsample: bool = True):
-        super().__init__()
-        self.window = window
-        self.shifted = shifted
-        self.blocks = nn.ModuleList([SwinBlock(dim, num_heads, window, mlp_ratio) for _ in range(depth)])
-        self.downsample = PatchMerging(dim) if downsample else None
-
-    def forward(self, x: torch.Tensor, plan: Mapping[str, torch.Tensor], index: int) -> torch.Tensor:
-        """x: (B, N_s, C) visible tokens of stage `index` -> (B, N_{s+1}, 2C) after merging (or as is)."""
-        n = x.shape[1]
-        configs = [window_inputs(plan, index, j, n, self.window) for j in range(2 if self.shifted else 1)]
-        for b, blk in enumerate(self.blocks):
-            x = blk(x, configs[b % len(configs)])
-        if self.downsample is not None:
-            x = self.downsample(x, _plan_get(plan, f"stage{index}.merge_index"))
-        return x
-
-
 class SwinPatchEmbed(PatchEmbed):
-    """p x p conv patches + LayerNorm (patch_norm on, §2.1): (B, 3, S, S) -> (B, (S/p)^2, C) raster."""
+    """p x p conv patches + LayerNorm (patch_norm on, docs/method.md#model-configurations):
+    (B, 3, S, S) -> (B, (S/p)^2, C) raster."""
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int = 3, embed_dim: int = 128):
         super().__init__(img_size, patch_size, in_chans, embed_dim)
@@ -217,8 +206,33 @@ class SwinPatchEmbed(PatchEmbed):
         return self.norm(super().forward(x))
 
 
+class SwinStage(nn.Module):
+    """One stage (`encoder.layers.{s}`): blocks alternating plain / shifted windows, then merging.
+
+    window: the stage's window side (the resolution when smaller); shifted: whether odd blocks use
+    shifted windows (plan config 1), so the stage reads `num_windows` (1 or 2) configurations.
+    """
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window: int, shifted: bool,
+                 mlp_ratio: float = 4.0, downsample: bool = True):
+        super().__init__()
+        self.num_windows = 2 if shifted else 1
+        self.blocks = nn.ModuleList([SwinBlock(dim, num_heads, window, mlp_ratio) for _ in range(depth)])
+        self.downsample = PatchMerging(dim) if downsample else None
+
+    def forward(self, x: torch.Tensor, windows: Sequence[Window],
+                merge_index: Union[torch.Tensor, None]) -> torch.Tensor:
+        """x: (B, N, C) visible tokens; windows: the stage's `window_inputs` per configuration;
+        merge_index: (N', 4) int64, None without merging -> (B, N', 2C) (or (B, N, C) as is)."""
+        for b, blk in enumerate(self.blocks):
+            x = blk(x, windows[b % len(windows)])
+        if self.downsample is not None:
+            x = self.downsample(x, merge_index)
+        return x
+
+
 class SwinEncoder(nn.Module):
-    """The masked Swin encoder (`encoder.*`): patch embed, stages, one branch norm per decoder."""
+    """The masked Swin encoder (`encoder.*`): patch_embed, layers.{s}, norm.{k} (branch LayerNorms)."""
 
     def __init__(self, spec: SwinSpec):
         super().__init__()
@@ -231,26 +245,29 @@ class SwinEncoder(nn.Module):
             for i in range(spec.num_stages)])
         self.norm = nn.ModuleList([nn.LayerNorm(br.in_dim, eps=LN_EPS) for br in spec.branches()])
 
-    def forward(self, imgs: torch.Tensor, plan: Mapping[str, torch.Tensor]) -> List[torch.Tensor]:
-        """imgs (B, 3, S, S) -> one branch-normed (B, N_vis_k, C_k) latent per stage (cell-major)."""
-        x = self.patch_embed(imgs)
-        x = x.index_select(1, _plan_get(plan, "patch_index"))
+    def forward(self, imgs: torch.Tensor, masks: Mapping[str, torch.Tensor]) -> List[torch.Tensor]:
+        """imgs (B, 3, S, S), masks: the plan's tensors -> one branch-normed (B, N_{k+1}, in_k)
+        latent per stage (cell-major)."""
+        x = self.patch_embed(imgs).index_select(1, masks["patch_index"])
         latents = []
-        for i, layer in enumerate(self.layers):
-            x = layer(x, plan, i)
+        for i, stage in enumerate(self.layers):
+            windows = tuple(window_inputs(masks, i, j) for j in range(stage.num_windows))
+            merge_index = masks[f"stage{i}.merge_index"] if stage.downsample is not None else None
+            x = stage(x, windows, merge_index)
             latents.append(self.norm[i](x))
         return latents
 
 
 def _frozen_table(dim: int, grid: int) -> nn.Parameter:
-    """Fixed 2-D sin-cos table (1, grid^2, dim) without a cls row, not trainable (§2.7)."""
+    """Fixed 2-D sin-cos table (1, grid^2, dim) without a cls row, not trainable (docs/method.md#swin-decoders)."""
     table = torch.from_numpy(np.asarray(sincos_2d(dim, grid, cls_token=False), dtype=np.float32))
     return nn.Parameter(table.unsqueeze(0), requires_grad=False)
 
 
 class SwinDecoder(nn.Module):
-    """One branch decoder (§2.7): embed, mask tokens at the masked raster positions, sin-cos pos,
-    ViT blocks (qkv bias), LayerNorm, Linear d -> out. No cls token, no rescaling head.
+    """One branch decoder (`decoder.{k}`, docs/method.md#swin-decoders): embed, mask tokens at the masked raster
+    positions, sin-cos pos, ViT blocks (qkv bias), LayerNorm, Linear d -> out. No cls token, no
+    rescaling head.
 
     in_dim: latent width; dim: decoder width d; grid: output tokens per side g.
     """
@@ -267,7 +284,8 @@ class SwinDecoder(nn.Module):
         self.pred = nn.Linear(dim, out_dim)
 
     def forward(self, x: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
-        """x: (B, N_vis, in_dim); scatter: (N_vis,) raster index of each token -> (B, g*g, out)."""
+        """x: (B, N_vis, in_dim) latent, cell-major; scatter: (N_vis,) int64 raster position of each
+        token -> (B, g*g, out_dim) in raster order."""
         x = self.embed(x)
         b, _, d = x.shape
         full = self.mask_token.to(x.dtype).expand(b, self.grid * self.grid, d)
@@ -278,10 +296,11 @@ class SwinDecoder(nn.Module):
 
 
 class LocalMIMSwin(LocalMIMModel):
-    """LocalMIM Swin pretraining model built from a `core.specs.SwinSpec` (spec §2).
+    """LocalMIM Swin pretraining model built from a `core.specs.SwinSpec` (docs/method.md#swin-variant).
 
-    Every forward takes `plan`: `plan_tensors(build_swin_plan(spec, cell_mask))` on the model's
-    device, one plan for the whole batch (§2.2).
+    `masks` of every method (and of `forward(imgs, masks)` -> (loss, branch_losses), from
+    LocalMIMModel) is the batch's plan: `plan_tensors(build_swin_plan(spec, cell_mask))` on the
+    model's device, one plan for the whole batch (docs/method.md#swin-masking); a SwinPlan is converted.
     """
 
     def __init__(self, spec: SwinSpec):
@@ -303,7 +322,8 @@ class LocalMIMSwin(LocalMIMModel):
             self.hog_enc = nn.ModuleList([T.HOGLayer(bias=spec.target.hog_bias) for _ in self.branches])
 
     def _init_encoder(self) -> None:
-        """xavier on the patch conv's 2-D view (bias keeps PyTorch's default), Linear/LN as §2.10.
+        """xavier on the patch conv's 2-D view (bias keeps PyTorch's default), Linear/LN as
+        docs/method.md#initialisation.
 
         Relative-position tables were drawn trunc_normal(0.02) at construction.
         """
@@ -312,29 +332,39 @@ class LocalMIMSwin(LocalMIMModel):
         self.encoder.apply(init_linear_and_norm)
 
     # ------------------------------------------------------------------ forward passes
-    def forward_encoder(self, imgs: torch.Tensor, plan: Mapping[str, torch.Tensor]) -> List[torch.Tensor]:
-        """imgs (B, 3, S, S) -> per branch k a branch-normed (B, N_vis_k, C_k) latent, cell-major."""
-        return self.encoder(imgs, plan)
+    def _plan(self, masks: PlanLike) -> Mapping[str, torch.Tensor]:
+        """The plan's tensors; a SwinPlan is converted onto the model's device."""
+        if isinstance(masks, SwinPlan):
+            return plan_tensors(masks, next(self.parameters()).device)
+        if isinstance(masks, Mapping):
+            return masks
+        raise TypeError(f"a Swin plan must be a SwinPlan or a dict of arrays, got {type(masks).__name__}")
 
-    def forward_decoders(self, latents: Sequence[torch.Tensor],
-                         plan: Mapping[str, torch.Tensor]) -> List[torch.Tensor]:
-        """One (B, g_k^2, out_k) prediction per branch, raster order of the branch grid."""
-        return [dec(z, _plan_get(plan, f"branch{k}.scatter"))
-                for k, (dec, z) in enumerate(zip(self.decoder, latents))]
+    def check_plan(self, masks: PlanLike) -> Dict[str, torch.Tensor]:
+        """`plan_tensors(masks)`, checked to hold every key this spec's forward reads (KeyError
+        naming the missing ones)."""
+        plan = plan_tensors(masks, next(self.parameters()).device)
+        keys = ["patch_index"]
+        for i, stage in enumerate(self.encoder.layers):
+            keys += [f"stage{i}.win{j}.{a}" for j in range(stage.num_windows) for a in WINDOW_KEYS]
+            if stage.downsample is not None:
+                keys.append(f"stage{i}.merge_index")
+        keys += [f"branch{k}.{a}" for k in range(len(self.branches)) for a in ("scatter", "mask")]
+        _require_keys(plan, keys, self.spec.name)
+        return plan
 
-    def branch_masks(self, plan: Mapping[str, torch.Tensor], batch: int) -> List[torch.Tensor]:
-        """Per-branch float32 (B, g_k^2) binary masks (1 = masked), the batch's one mask repeated."""
-        return [_plan_get(plan, f"branch{k}.mask").float().unsqueeze(0).expand(batch, -1)
+    def forward_encoder(self, imgs: torch.Tensor, masks: PlanLike) -> List[torch.Tensor]:
+        """imgs (B, 3, S, S) -> per branch k a branch-normed (B, N_vis of stage min(k+1, last), in_k)
+        latent, cell-major."""
+        return self.encoder(imgs, self._plan(masks))
+
+    def forward_decoders(self, latents: Sequence[torch.Tensor], masks: PlanLike) -> List[torch.Tensor]:
+        """Branch k decodes latents[k] -> (B, g_k^2, out_k) in raster order of its grid."""
+        masks = self._plan(masks)
+        return [self.decoder[k](latents[k], masks[f"branch{k}.scatter"]) for k in range(len(self.branches))]
+
+    def branch_masks(self, masks: PlanLike, batch: int) -> List[torch.Tensor]:
+        """Per-branch float32 masks (B, g_k^2), 1 = masked: the plan's branch masks over the batch."""
+        masks = self._plan(masks)
+        return [masks[f"branch{k}.mask"].float().unsqueeze(0).expand(batch, -1)
                 for k in range(len(self.branches))]
-
-    def forward(self, imgs: torch.Tensor, plan: Mapping[str, torch.Tensor]):
-        """-> (loss, branch_losses): float32 scalar and (num_branches,) float32 (§2.9)."""
-        latents = self.forward_encoder(imgs, plan)
-        preds = self.forward_decoders(latents, plan)
-        targets = self.forward_targets(imgs)
-        return T.localmim_loss(preds, targets, self.branch_masks(plan, imgs.shape[0]))
-
-
-def build_swin(spec: SwinSpec) -> LocalMIMSwin:
-    """The LocalMIM Swin for `spec` (a core.specs.SwinSpec)."""
-    return LocalMIMSwin(spec)

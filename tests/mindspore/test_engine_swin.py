@@ -16,7 +16,8 @@ ms = pytest.importorskip("mindspore")
 from localmim.backends.mindspore import checkpoint as ckpt  # noqa: E402
 from localmim.backends.mindspore import data as data_mod  # noqa: E402
 from localmim.backends.mindspore import engine, inference  # noqa: E402
-from localmim.backends.mindspore.swin import build_swin, plan_tensors  # noqa: E402
+from localmim.backends.mindspore import build_model  # noqa: E402
+from localmim.backends.runs import LOG_KEYS  # noqa: E402
 from localmim.core import config as core_config  # noqa: E402
 from localmim.core import masking  # noqa: E402
 from localmim.core import targets as core_targets  # noqa: E402
@@ -68,20 +69,20 @@ def test_loader_plans_are_core_plans_of_the_batch_mask(data_path, rank, world):
         assert batch["images"].shape == (2, 3, 64, 64) and batch["images"].dtype == np.float32
         cell = masking.swin_cell_mask(masking.mask_rng(SEED, 1, b, rank), spec.mask_grid, cfg.mask.ratio)
         ref = build_swin_plan(spec, cell).to_arrays()
-        assert set(batch["plan"]) == set(ref)
+        assert set(batch["masks"]) == set(ref)
         for k, v in ref.items():
-            assert batch["plan"][k].dtype == v.dtype, k
-            np.testing.assert_array_equal(batch["plan"][k], v, err_msg=k)
+            assert batch["masks"][k].dtype == v.dtype, k
+            np.testing.assert_array_equal(batch["masks"][k], v, err_msg=k)
     # two batches, two different masks
-    assert not np.array_equal(batches[0]["plan"]["cell_mask"], batches[1]["plan"]["cell_mask"])
+    assert not np.array_equal(batches[0]["masks"]["cell_mask"], batches[1]["masks"]["cell_mask"])
     # GeneratorDataset gives the same batches
     gen, gen_sampler = data_mod.build_pretrain_loader(cfg, spec, rank=rank, world=world, backend="generator")
     gen_sampler.set_epoch(1, 1, 3)
     for batch, other in zip(batches, gen):
         np.testing.assert_array_equal(batch["images"], other["images"])
-        assert set(other["plan"]) == set(batch["plan"])
-        for k, v in batch["plan"].items():
-            np.testing.assert_array_equal(other["plan"][k], v, err_msg=k)
+        assert set(other["masks"]) == set(batch["masks"])
+        for k, v in batch["masks"].items():
+            np.testing.assert_array_equal(other["masks"][k], v, err_msg=k)
 
 
 def test_loader_batches_equal_the_torch_loader(data_path):
@@ -95,10 +96,10 @@ def test_loader_batches_equal_the_torch_loader(data_path):
     pt_sampler.set_epoch(2, 4)
     for a, b in zip(ms_loader, pt_loader):
         np.testing.assert_allclose(a["images"], b["images"].numpy(), rtol=0, atol=1e-6)
-        assert set(a["plan"]) == set(b["plan"])
-        for k, v in b["plan"].items():
-            np.testing.assert_array_equal(a["plan"][k], v.numpy(), err_msg=k)
-    assert isinstance(b["plan"]["patch_index"], torch.Tensor)
+        assert set(a["masks"]) == set(b["masks"])
+        for k, v in b["masks"].items():
+            np.testing.assert_array_equal(a["masks"][k], v.numpy(), err_msg=k)
+    assert isinstance(b["masks"]["patch_index"], torch.Tensor)
 
 
 def test_static_plan_bounds_hold_for_every_mask():
@@ -157,7 +158,7 @@ def test_cli_pretrain_writes_log_and_checkpoint(runs):
     log = runs["cli_log"]
     assert [r["step"] for r in log] == [1, 2]
     for r in log:
-        assert tuple(r) == engine.LOG_KEYS
+        assert tuple(r) == LOG_KEYS
         np.testing.assert_allclose(r["loss"], sum(r[f"loss_b{k}"] for k in range(4)), rtol=1e-5)
     assert runs["cfg"].model.name == "swin_tiny_test" and runs["cfg"].data.batch_size == 2
 
@@ -179,7 +180,7 @@ def test_swin_resume_reproduces_uninterrupted_run(runs):
     assert straight_log[-1]["loss"] < straight_log[0]["loss"]      # it learns
     # training moved the weights away from the seeded initialisation
     ms.set_seed(SEED)
-    init = build_swin(runs["cfg"].build_spec()).export_state()
+    init = build_model(runs["cfg"].build_spec()).export_state()
     assert not np.array_equal(init["encoder.layers.0.blocks.0.attn.qkv.weight"],
                               a["model"]["encoder.layers.0.blocks.0.attn.qkv.weight"])
 
@@ -190,10 +191,10 @@ def test_reconstruct_matches_the_training_loss_and_torch(runs, data_path):
     loader, sampler = data_mod.build_pretrain_loader(cfg, spec)
     sampler.set_epoch(0, 1, 2)
     batch = next(iter(loader))
-    cell = batch["plan"]["cell_mask"]
+    cell = batch["masks"]["cell_mask"]
     out = inference.reconstruct(model, batch["images"], cell)
     total, per = core_targets.localmim_loss(out["preds"], out["targets"], out["masks"])
-    loss, branch = model(ms.Tensor(batch["images"]), plan_tensors(batch["plan"]))
+    loss, branch = model(*engine.batch_inputs(batch))
     assert total == pytest.approx(float(loss.asnumpy()), rel=1e-5)
     np.testing.assert_allclose(per, branch.asnumpy(), rtol=1e-5)
     for m, br in zip(out["masks"], spec.branches()):
@@ -210,8 +211,8 @@ def test_reconstruct_matches_the_training_loss_and_torch(runs, data_path):
     # independent reference: the torch model with the same canonical weights
     torch = pytest.importorskip("torch")
     from localmim.backends.torch import inference as torch_inference
-    from localmim.backends.torch.swin import build_swin as torch_build_swin
-    ref = torch_build_swin(spec)
+    from localmim.backends.torch import build_model as build_torch_model
+    ref = build_torch_model(spec)
     ref.load_state_dict({k: torch.from_numpy(v) for k, v in model.export_state().items()})
     ref_out = torch_inference.reconstruct(ref, batch["images"], cell)
     for key in ("preds", "targets", "masks"):
@@ -240,7 +241,7 @@ def test_compiled_step_equals_pynative_with_static_plans(data_path):
     cfg = _cfg(data_path)
     spec = cfg.build_spec()
     ms.set_seed(1)
-    model = engine.build_pretrain_model(spec)
+    model = build_model(spec)
     model.set_train(True)
     optimizer = engine.build_optimizer(model, cfg)
     eager = engine.TrainStep(model, optimizer, accum=2)
@@ -249,12 +250,12 @@ def test_compiled_step_equals_pynative_with_static_plans(data_path):
     sampler.set_epoch(0, 0, 2)
     batches = list(loader)
     pads, sizes = data_mod.static_plan_bounds(spec, cfg.mask.ratio)
-    assert batches[0]["plan"]["stage0.win1.group_index"].shape == (pads[0], sizes[0])
+    assert batches[0]["masks"]["stage0.win1.group_index"].shape == (pads[0], sizes[0])
     for batch in batches:
-        assert batch["plan"]["stage1.win0.group_index"].shape == (pads[1], sizes[1])
-        g_loss, g_branch, g_grads = graph.micro(*engine.batch_inputs(batch))
-        e_loss, e_branch, e_grads = eager.micro(*engine.batch_inputs(batch))
-        np.testing.assert_allclose(g_loss.asnumpy(), e_loss.asnumpy(), rtol=1e-5)
-        np.testing.assert_allclose(g_branch.asnumpy(), e_branch.asnumpy(), rtol=1e-5)
+        assert batch["masks"]["stage1.win0.group_index"].shape == (pads[1], sizes[1])
+        imgs, masks = engine.batch_inputs(batch)
+        g_grads, g_row = graph._micro(imgs, ms.mutable(masks))
+        e_grads, e_row = eager._micro(imgs, ms.mutable(masks))
+        np.testing.assert_allclose(g_row.asnumpy(), e_row.asnumpy(), rtol=1e-5)
         for p, g, e in zip(optimizer.parameters, g_grads, e_grads):
             np.testing.assert_allclose(g.asnumpy(), e.asnumpy(), rtol=1e-3, atol=1e-6, err_msg=p.name)

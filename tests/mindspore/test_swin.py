@@ -9,7 +9,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from localmim.backends.mindspore.swin import (
-    LocalMIMSwin, PatchMerging, build_swin, group_tokens, plan_tensors, ungroup_tokens,
+    LocalMIMSwin, PatchMerging, plan_tensors, window_inputs,
 )
 from localmim.core import masking
 from localmim.core import targets as C
@@ -42,20 +42,6 @@ def cell_mask(spec, ratio=0.75, step=0):
     return masking.swin_cell_mask(masking.mask_rng(0, 0, step, 0), spec.mask_grid, ratio)
 
 
-def make_images(batch, size, seed=0):
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    base = np.stack([np.sin(6 * x + 2 * y), np.cos(5 * y - x), x * y * 2 - 1])[None]
-    return (base + rng.normal(0.0, 0.5, size=(batch, 3, size, size))).astype(np.float32)
-
-
-def rel_err(a, b):
-    a = np.asarray(a.asnumpy() if isinstance(a, Tensor) else a, np.float64)
-    b = np.asarray(b.asnumpy() if isinstance(b, Tensor) else b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
-
 def _is_frozen(name):
     return name.endswith("pos_embed") or name.startswith("hog_enc.")
 
@@ -72,7 +58,7 @@ def _randomise(net, seed, scale=0.1):
 
 
 def expected_shapes(spec):
-    """Canonical names and shapes written from the spec (docs/internals.md Swin layout)."""
+    """Canonical names and shapes written from docs/internals.md (Swin layout)."""
     c, p, last = spec.embed_dim, spec.patch_size, spec.num_stages - 1
     out = {"encoder.patch_embed.proj.weight": (c, 3, p, p), "encoder.patch_embed.proj.bias": (c,),
            "encoder.patch_embed.norm.weight": (c,), "encoder.patch_embed.norm.bias": (c,)}
@@ -120,7 +106,8 @@ def expected_shapes(spec):
 
 
 # ------------------------------------------------------------------------------ float64 numpy references
-# Written from the definitions (§2.4-§2.7, Swin's windows and merging), independent of core.swin_plan.
+# Written from the definitions (docs/method.md#swin-window-attention to #swin-decoders, Swin's windows
+# and merging), independent of core.swin_plan.
 
 def true_coords(spec, cmask, stage):
     """(N, 2) true (row, col) of the visible tokens of `stage`, cell-major: visible cells in raster
@@ -236,7 +223,7 @@ def np_branch_masks(spec, cmask, batch):
 @pytest.mark.parametrize("spec_fn", [tiny_spec, hog_bias_spec, geometry224_spec])
 def test_parameter_names_and_shapes(spec_fn):
     spec = spec_fn()
-    net = build_swin(spec)
+    net = LocalMIMSwin(spec)
     assert isinstance(net, LocalMIMSwin)
     assert net.state_shapes() == expected_shapes(spec)
     assert not any("relative_position_index" in k for k in net.state_shapes())
@@ -247,7 +234,7 @@ def test_parameter_names_and_shapes(spec_fn):
 def test_initialisation():
     ms.set_seed(0)
     spec = tiny_spec(target=TargetSpec(kind="hog", nbins=9))
-    net = build_swin(spec)
+    net = LocalMIMSwin(spec)
     st = net.export_state()
     w = st["encoder.patch_embed.proj.weight"]
     fan_in = 3 * spec.patch_size ** 2
@@ -272,14 +259,14 @@ def test_initialisation():
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_grouped_attention_matches_dense_window_attention(stage):
+def test_grouped_attention_matches_dense_window_attention(stage, h):
     """Grouped attention (plan groups, pads, -100 masks) == dense attention within true windows."""
     spec = tiny_spec()
     cmask = cell_mask(spec, 0.5, step=3)
     plan = build_swin_plan(spec, cmask)
     pt = plan_tensors(plan)
     ms.set_seed(1)
-    net = build_swin(spec)
+    net = LocalMIMSwin(spec)
     st = _randomise(net, 2, scale=0.3)
     coords = true_coords(spec, cmask, stage)
     np.testing.assert_array_equal(plan.stages[stage].coords, coords)
@@ -292,37 +279,31 @@ def test_grouped_attention_matches_dense_window_attention(stage):
         blk = net.encoder.layers[stage].blocks[j]
         pre = f"encoder.layers.{stage}.blocks.{j}."
         ref = np_window_attention(x.astype(np.float64), coords, w, wp.shift, st, pre, spec.num_heads[stage])
-        key = f"stage{stage}.win{j}."
-        grouped = group_tokens(Tensor(x), pt[key + "group_index"])
-        out = blk.attn(grouped, pt[key + "attn_mask"], pt[key + "rel_index"])
-        out = ungroup_tokens(out, pt[key + "ungroup_index"])
-        assert rel_err(out, ref) < RTOL, (stage, j)
+        out = blk.attn(Tensor(x), window_inputs(pt, stage, j))
+        assert h.rel_err(out, ref) < RTOL, (stage, j)
 
 
-def test_swin_blocks_match_numpy_in_both_modes(npref):
+def test_swin_blocks_match_numpy_in_both_modes(npref, h):
     """Whole blocks (grouping at stage 0 with plain and shifted windows, masking at stage 2)."""
     spec = tiny_spec()
     cmask = cell_mask(spec, 0.75, step=1)
     pt = plan_tensors(build_swin_plan(spec, cmask))
     ms.set_seed(3)
-    net = build_swin(spec)
+    net = LocalMIMSwin(spec)
     st = _randomise(net, 4, scale=0.3)
     for stage in (0, 2):
         coords = true_coords(spec, cmask, stage)
         x = np.random.default_rng(5).normal(0, 1, (2, coords.shape[0], spec.stage_dim(stage))).astype(np.float32)
         for j in range(2):
-            key = f"stage{stage}.win{j}."
-            out = net.encoder.layers[stage].blocks[j](
-                Tensor(x), pt[key + "group_index"], pt[key + "ungroup_index"], pt[key + "attn_mask"],
-                pt[key + "rel_index"])
+            out = net.encoder.layers[stage].blocks[j](Tensor(x), window_inputs(pt, stage, j))
             shift = spec.stage_shift(stage) if j else 0
             ref = np_swin_block(x.astype(np.float64), coords, spec.stage_window(stage), shift, st,
                                 f"encoder.layers.{stage}.blocks.{j}.", spec.num_heads[stage], npref)
-            assert rel_err(out, ref) < RTOL, (stage, j)
+            assert h.rel_err(out, ref) < RTOL, (stage, j)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_patch_merging_matches_dense_full_grid(stage, npref):
+def test_patch_merging_matches_dense_full_grid(stage, npref, h):
     """Merging visible tokens == Swin merging (x0 TL, x1 BL, x2 TR, x3 BR) of the full grid, read at
     the visible next-stage positions."""
     spec = tiny_spec()
@@ -349,18 +330,18 @@ def test_patch_merging_matches_dense_full_grid(stage, npref):
     nxt = true_coords(spec, cmask, stage + 1)
     ref = dense[:, nxt[:, 0], nxt[:, 1]]
     assert out.shape == (2, nxt.shape[0], 2 * dim)
-    assert rel_err(out, ref) < RTOL
+    assert h.rel_err(out, ref) < RTOL
 
 
 @pytest.mark.parametrize("ratio,step", [(0.5, 1), (0.9, 2)])
-def test_shapes_per_stage_and_branch(ratio, step):
+def test_shapes_per_stage_and_branch(ratio, step, h):
     spec = tiny_spec()
     cmask = cell_mask(spec, ratio, step)
     visible = int((~cmask).sum())
     plan = build_swin_plan(spec, cmask)
     ms.set_seed(5)
-    net = build_swin(spec)
-    imgs = Tensor(make_images(2, spec.img_size, seed=step))
+    net = LocalMIMSwin(spec)
+    imgs = Tensor(h.make_images(2, spec.img_size, seed=step))
     latents = net.forward_encoder(imgs, plan)
     preds = net.forward_decoders(latents, plan)
     assert len(latents) == len(preds) == 4
@@ -373,7 +354,7 @@ def test_shapes_per_stage_and_branch(ratio, step):
         assert np.isfinite(p.asnumpy()).all()
 
 
-def test_224_geometry_shapes():
+def test_224_geometry_shapes(h):
     """Swin-B/7 geometry, 12 visible cells of 49: 768, 192, 48, 12 visible tokens per stage."""
     spec = geometry224_spec()
     cmask = cell_mask(spec, 0.75)
@@ -383,8 +364,8 @@ def test_224_geometry_shapes():
     assert [[w.mode for w in st.windows] for st in plan.stages] == [
         ["grouping", "grouping"], ["grouping", "grouping"], ["masking", "masking"], ["masking"]]
     ms.set_seed(6)
-    net = build_swin(spec)
-    imgs = Tensor(make_images(2, 224, seed=1))
+    net = LocalMIMSwin(spec)
+    imgs = Tensor(h.make_images(2, 224, seed=1))
     latents = net.forward_encoder(imgs, plan)
     assert [tuple(z.shape) for z in latents] == [(2, 192, 16), (2, 48, 32), (2, 12, 64), (2, 12, 64)]
     preds = net.forward_decoders(latents, plan)
@@ -395,30 +376,30 @@ def test_224_geometry_shapes():
     assert np.isfinite(float(loss.asnumpy())) and per.shape == (4,)
 
 
-def test_encoder_and_decoders_match_numpy(npref):
+def test_encoder_and_decoders_match_numpy(npref, h):
     spec = tiny_spec()
     cmask = cell_mask(spec, 0.75, step=4)
     plan = build_swin_plan(spec, cmask)
     ms.set_seed(7)
-    net = build_swin(spec)
+    net = LocalMIMSwin(spec)
     st = _randomise(net, 8)
-    imgs = make_images(2, spec.img_size, seed=9)
+    imgs = h.make_images(2, spec.img_size, seed=9)
     latents = net.forward_encoder(Tensor(imgs), plan)
     ref_latents = np_encoder(spec, st, imgs, cmask, npref)
     for k, (z, r) in enumerate(zip(latents, ref_latents)):
-        assert rel_err(z, r) < RTOL, k
+        assert h.rel_err(z, r) < RTOL, k
     preds = net.forward_decoders(latents, plan)
     for k, p in enumerate(preds):
         ref = np_decoder(spec, st, k, ref_latents[k], cmask, npref)
-        assert rel_err(p, ref) < RTOL, k
+        assert h.rel_err(p, ref) < RTOL, k
 
 
 @pytest.mark.parametrize("spec_fn", [tiny_spec, hog_bias_spec])
-def test_forward_targets_match_core(spec_fn):
+def test_forward_targets_match_core(spec_fn, h):
     spec = spec_fn()
     ms.set_seed(10)
-    net = build_swin(spec)
-    imgs = make_images(2, spec.img_size, seed=12)
+    net = LocalMIMSwin(spec)
+    imgs = h.make_images(2, spec.img_size, seed=12)
     cells = [b.cell for b in spec.branches()]
     assert cells == [4, 8, 16, 16]
     targets = net.forward_targets(Tensor(imgs))
@@ -436,14 +417,14 @@ def test_forward_targets_match_core(spec_fn):
             assert close.all()
 
 
-def test_loss_matches_core():
+def test_loss_matches_core(h):
     spec = tiny_spec()
     cmask = cell_mask(spec, 0.75, step=5)
     pt = plan_tensors(build_swin_plan(spec, cmask))
     ms.set_seed(10)
-    net = build_swin(spec)
+    net = LocalMIMSwin(spec)
     _randomise(net, 11)
-    imgs = make_images(2, spec.img_size, seed=12)
+    imgs = h.make_images(2, spec.img_size, seed=12)
     preds = [p.asnumpy() for p in net.forward_decoders(net.forward_encoder(Tensor(imgs), pt), pt)]
     masks = np_branch_masks(spec, cmask, 2)
     for m, ours in zip(masks, net.branch_masks(pt, 2)):
@@ -452,16 +433,16 @@ def test_loss_matches_core():
     ref_total, ref_per = C.localmim_loss(preds, targets, masks)
     loss, per = net(Tensor(imgs), pt)
     assert loss.dtype == ms.float32 and per.shape == (4,)
-    assert rel_err(per, ref_per) < RTOL
+    assert h.rel_err(per, ref_per) < RTOL
     assert abs(float(loss.asnumpy()) - ref_total) / ref_total < RTOL
 
 
 def test_state_round_trip_and_strict_errors():
     spec = hog_bias_spec()
     ms.set_seed(13)
-    a = build_swin(spec)
+    a = LocalMIMSwin(spec)
     ms.set_seed(14)
-    b = build_swin(spec)
+    b = LocalMIMSwin(spec)
     sa = _randomise(a, 15)
     assert any(not np.array_equal(v, b.export_state()[k]) for k, v in sa.items())
     b.import_state(sa)
@@ -489,30 +470,30 @@ def test_state_round_trip_and_strict_errors():
     assert all(np.array_equal(after[k], before[k]) for k in before)
 
 
-def test_plan_errors_name_the_problem():
+def test_plan_errors_name_the_problem(h):
     spec = tiny_spec()
-    net = build_swin(spec)
+    net = LocalMIMSwin(spec)
     arrays = build_swin_plan(spec, cell_mask(spec)).to_arrays()
     del arrays["stage1.win1.rel_index"]
     with pytest.raises(KeyError, match="stage1.win1.rel_index"):
         net.check_plan(arrays)
     with pytest.raises(TypeError, match="SwinPlan or a dict"):
-        net.forward_encoder(Tensor(make_images(1, 64)), [1, 2])
+        net.forward_encoder(Tensor(h.make_images(1, 64)), [1, 2])
     with pytest.raises(TypeError, match="SwinSpec"):
         LocalMIMSwin(get_spec("vit_tiny_test"))
 
 
-def test_gradients_reach_every_trainable_parameter():
+def test_gradients_reach_every_trainable_parameter(h):
     spec = hog_bias_spec()
     cmask = cell_mask(spec, 0.75, step=6)
     pt = plan_tensors(build_swin_plan(spec, cmask))
     ms.set_seed(16)
-    net = build_swin(spec)
+    net = LocalMIMSwin(spec)
     _randomise(net, 17)
     params = net.trainable_params()
     names = {p.name for p in params}
     assert not any(_is_frozen(n) for n in names)
-    imgs = Tensor(make_images(2, spec.img_size, seed=18))
+    imgs = Tensor(h.make_images(2, spec.img_size, seed=18))
 
     def loss_fn(x, plan):
         return net(x, plan)[0]
@@ -526,15 +507,15 @@ def test_gradients_reach_every_trainable_parameter():
         assert np.abs(g).max() > 0, f"no gradient reaches {p.name}"
 
 
-def test_construct_under_jit_matches_pynative():
+def test_construct_under_jit_matches_pynative(h):
     """A plan padded to fixed group counts and sizes gives static shapes: ms.jit == PyNative, and
     a second mask with the same padded shapes runs through the same compiled graph."""
     spec = tiny_spec()
     pads, sizes = [16, 8, None, None], [16, 16, None, None]
     ms.set_seed(19)
-    net = build_swin(spec)
+    net = LocalMIMSwin(spec)
     _randomise(net, 20)
-    imgs = Tensor(make_images(2, spec.img_size, seed=21))
+    imgs = Tensor(h.make_images(2, spec.img_size, seed=21))
     step_fn = ms.jit(net)
     for step in (0, 1):
         plan = build_swin_plan(spec, cell_mask(spec, 0.75, step), pad_groups_to=pads, group_size=sizes)
@@ -543,7 +524,7 @@ def test_construct_under_jit_matches_pynative():
         pt = plan_tensors(plan)
         graph_loss, graph_per = step_fn(imgs, pt)
         eager_loss, eager_per = net(imgs, pt)
-        assert rel_err(graph_loss, eager_loss) < RTOL and rel_err(graph_per, eager_per) < RTOL
+        assert h.rel_err(graph_loss, eager_loss) < RTOL and h.rel_err(graph_per, eager_per) < RTOL
         if step == 0:    # padding groups and slots changes nothing
             unpadded = net(imgs, build_swin_plan(spec, cell_mask(spec, 0.75, step)))[1]
-            assert rel_err(eager_per, unpadded) < RTOL
+            assert h.rel_err(eager_per, unpadded) < RTOL

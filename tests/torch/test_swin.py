@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from localmim.backends.torch.swin import (
-    LocalMIMSwin, build_swin, plan_tensors, window_inputs)
+    LocalMIMSwin, plan_tensors, window_inputs)
 from localmim.core import masking
 from localmim.core import targets as core_targets
 from localmim.core.pos_embed import sincos_2d
@@ -32,7 +32,7 @@ def _cell_mask(spec, seed, ratio=0.75):
 
 def _model(spec, seed=0):
     torch.manual_seed(seed)
-    return build_swin(spec).eval()
+    return LocalMIMSwin(spec).eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,13 +171,6 @@ def numpy_loss(spec, imgs, preds, cell_mask, hog_biases=None):
     return core_targets.localmim_loss([p.detach().numpy() for p in preds], tg, masks)
 
 
-def rel_err(a, b):
-    a = np.asarray(a.detach() if torch.is_tensor(a) else a, dtype=np.float64)
-    b = np.asarray(b.detach() if torch.is_tensor(b) else b, dtype=np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
-
 # ---------------------------------------------------------------------------------------------
 # attention, merging and the whole forward against the dense references
 
@@ -202,7 +195,7 @@ def _visible_attention_reference(attn, x, pos, res, w, s):
 
 
 @pytest.mark.parametrize("spec_name,seed", [("tiny", 0), ("tiny", 1), ("t224", 2), ("t224", 3)])
-def test_grouped_attention_equals_dense_visible_attention(spec_name, seed):
+def test_grouped_attention_equals_dense_visible_attention(spec_name, seed, h):
     spec = _tiny() if spec_name == "tiny" else T224
     model = _model(spec, seed)
     cm = _cell_mask(spec, seed)
@@ -215,14 +208,14 @@ def test_grouped_attention_equals_dense_visible_attention(spec_name, seed):
         x = torch.randn(2, pos.shape[0], spec.stage_dim(i), generator=gen)
         for j, shift in enumerate((0, spec.stage_shift(i)) if spec.stage_shift(i) else (0,)):
             attn = stage.blocks[j].attn
-            got = attn(x, window_inputs(plan, i, j, pos.shape[0], w))
+            got = attn(x, window_inputs(plan, i, j))
             want = _visible_attention_reference(attn, x, pos, res, w, shift)
-            assert rel_err(got, want) < 1e-5, (i, j)
+            assert h.rel_err(got, want) < 1e-5, (i, j)
             checked += 1
     assert checked == 7  # 3 shifted stages + the last, unshifted one
 
 
-def test_grouped_attention_equals_full_map_attention():
+def test_grouped_attention_equals_full_map_attention(h):
     """The same check through the standard cyclic-shift implementation on the full map."""
     spec = _tiny()
     model = _model(spec, 4)
@@ -234,13 +227,13 @@ def test_grouped_attention_equals_full_map_attention():
     vis = visible_map(cm, spec.mask_grid, res)
     for j, shift in enumerate((0, s)):
         attn = model.encoder.layers[0].blocks[j].attn
-        got = attn(xfull[:, pos[:, 0], pos[:, 1]], window_inputs(plan, 0, j, pos.shape[0], w))
+        got = attn(xfull[:, pos[:, 0], pos[:, 1]], window_inputs(plan, 0, j))
         want = dense_window_attention(attn, xfull, vis, w, shift)[:, pos[:, 0], pos[:, 1]]
-        assert rel_err(got, want) < 1e-5
+        assert h.rel_err(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("spec_name,seed", [("tiny", 5), ("t224", 6)])
-def test_patch_merging_equals_full_grid_merging(spec_name, seed):
+def test_patch_merging_equals_full_grid_merging(spec_name, seed, h):
     spec = _tiny() if spec_name == "tiny" else T224
     model = _model(spec, seed)
     cm = _cell_mask(spec, seed)
@@ -254,7 +247,7 @@ def test_patch_merging_equals_full_grid_merging(spec_name, seed):
         pos_next = cell_major_positions(cm, spec.mask_grid, res // 2)
         got = merge(xfull[:, pos[:, 0], pos[:, 1]], plan[f"stage{i}.merge_index"])
         want = dense_merge(merge, xfull)[:, pos_next[:, 0], pos_next[:, 1]]
-        assert rel_err(got, want) < 1e-6
+        assert h.rel_err(got, want) < 1e-6
 
 
 def _perturb(model, seed):
@@ -267,7 +260,7 @@ def _perturb(model, seed):
 
 
 @pytest.mark.parametrize("spec_name,seed", [("tiny", 0), ("tiny", 7), ("tiny", 8), ("t224", 9), ("t224", 10)])
-def test_whole_forward_equals_dense_reference(spec_name, seed):
+def test_whole_forward_equals_dense_reference(spec_name, seed, h):
     spec = _tiny() if spec_name == "tiny" else T224
     model = _model(spec, seed)
     _perturb(model, seed)
@@ -279,11 +272,11 @@ def test_whole_forward_equals_dense_reference(spec_name, seed):
         dense = dense_encoder(model, imgs, cm)
         for k, (z, (zf, _)) in enumerate(zip(latents, dense)):
             pos = cell_major_positions(cm, spec.mask_grid, zf.shape[1])
-            assert rel_err(z, zf[:, pos[:, 0], pos[:, 1]]) < 1e-5, k
+            assert h.rel_err(z, zf[:, pos[:, 0], pos[:, 1]]) < 1e-5, k
         preds = model.forward_decoders(latents, plan)
         dense_preds = dense_decoders(model, dense)
         for p, q in zip(preds, dense_preds):
-            assert rel_err(p, q) < 1e-5
+            assert h.rel_err(p, q) < 1e-5
         loss, branch = model(imgs, plan)
     want_total, want_branch = numpy_loss(spec, imgs, dense_preds, cm)
     assert loss.dtype == torch.float32 and branch.shape == (4,)
@@ -291,7 +284,7 @@ def test_whole_forward_equals_dense_reference(spec_name, seed):
     np.testing.assert_allclose(branch.numpy(), want_branch, rtol=1e-5)
 
 
-def test_static_shape_plan_gives_the_same_loss():
+def test_static_shape_plan_gives_the_same_loss(h):
     """Padding groups (pad_groups_to) and fixed group sizes only add fully masked slots."""
     spec = _tiny()
     model = _model(spec, 11)
@@ -305,7 +298,7 @@ def test_static_shape_plan_gives_the_same_loss():
     with torch.no_grad():
         a, ab = model(imgs, plan_tensors(dynamic))
         b, bb = model(imgs, plan_tensors(static))
-    assert rel_err(bb, ab) < 1e-6
+    assert h.rel_err(bb, ab) < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------
