@@ -1,34 +1,45 @@
 """Key maps between the checkpoint layouts of core.layouts and the canonical state of core.state.
 
-ViT: `from_localmim`, `from_mae` / `from_timm` (MAE's final norm becomes the last branch norm),
-`to_timm`; Swin: `from_official_swin` / `to_official_swin` (defect D2: the middle two C-blocks of
-every patch merge's 4C axis swap), `to_swin_encoder` / `from_swin_encoder`, `to_timm_swin` /
-`from_timm_swin`. `convert_state` maps a state of any layout to one of the layouts this package
-writes (all but the MAE ones), refilling absent fixed Sobel kernels and initialising absent branch
-norms where that is exact, and says what it did. Pure numpy, like core.state.
+Reading: `to_canonical(state, layout, spec)` maps any layout to canonical names (ViT:
+`from_localmim`, `from_mae` / `from_timm`, MAE's final norm becoming the last branch norm; Swin:
+`swin_to_canonical`: `from_official_swin` (defect D2: the middle two C-blocks of every patch
+merge's 4C axis swap), `from_swin_encoder`, `from_timm_swin`) and checks it against the spec: the
+encoder complete, the decoders all there or all absent, nothing unexpected or mis-shaped.
+
+Writing: `from_canonical(canon, layout, spec)` maps back (`to_timm`, `to_mae`, `to_official_swin`,
+`to_swin_encoder`, `to_timm_swin`); full layouts need the decoders, encoder layouts get absent
+branch norms initialised to weight 1 / bias 0 (the reference init). `convert_state` chains the
+two, with core.resample in between when the destination spec has another img_size / window.
+Absent fixed Sobel kernels are refilled (they are deterministic); a HOG bias is not (random per
+run). Pure numpy, like core.state.
 """
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, List, Mapping, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from localmim.core.layouts import (
-    BRANCH_NORM_KEY, FINAL_NORM_KEY, LAYOUTS, MAE_DECODER_KEY, REL_INDEX_KEY, SWIN_ENCODER_KEY,
-    SWIN_LAYOUTS, TIMM_DOWNSAMPLE_KEY, TIMM_HEAD_KEY, VIT_ENCODER_KEY)
+    BRANCH_NORM_KEY, FINAL_NORM_KEY, LAYOUT_INFO, MAE_DECODER_KEY, REL_INDEX_KEY, SWIN_ENCODER_KEY,
+    SWIN_LAYOUTS, TIMM_DOWNSAMPLE_KEY, TIMM_HEAD_KEY, VIT_ENCODER_KEY, check_layout_name)
+from localmim.core.resample import resample_state, resize_pos_table
 from localmim.core.specs import ViTSpec
 from localmim.core.state import (
     StateError, check_state, format_key_list, shape_tuple, swin_canonical_shapes, swin_encoder_shapes,
     vit_canonical_shapes, vit_encoder_shapes)
 
 __all__ = [
-    "from_localmim", "from_mae", "from_timm", "to_timm", "mae_encoder_part", "timm_kwargs",
-    "identity_branch_norms", "fixed_hog_kernels", "convert_state",
+    "from_localmim", "from_mae", "from_timm", "to_timm", "to_mae", "mae_encoder_part", "mae_decoder_part",
+    "mae_decoder_shapes", "timm_kwargs", "identity_branch_norms", "fixed_hog_kernels",
+    "to_canonical", "from_canonical", "convert_state",
     "swin_relative_position_index", "merge_official_to_ours", "merge_ours_to_official", "is_merge_key",
     "from_official_swin", "to_official_swin", "to_swin_encoder", "from_swin_encoder", "to_timm_swin",
     "from_timm_swin", "timm_swin_kwargs", "swin_to_canonical", "convert_swin_state",
 ]
+
+# Layouts without the branch norms but one final norm (mapped to the last branch norm).
+_FINAL_NORM_LAYOUTS = ("mae", "mae-encoder", "timm-vit", "swin-encoder", "timm-swin")
 
 
 def _check_subset(expected: Mapping[str, Tuple[int, ...]], state: Mapping[str, object], what: str):
@@ -36,7 +47,7 @@ def _check_subset(expected: Mapping[str, Tuple[int, ...]], state: Mapping[str, o
     check_state({k: expected[k] for k in state if k in expected}, state, what)
 
 
-def fixed_hog_kernels(spec: ViTSpec, missing: Iterable[str]) -> Dict[str, np.ndarray]:
+def fixed_hog_kernels(spec, missing: Iterable[str]) -> Dict[str, np.ndarray]:
     """The fixed Sobel weights (2,1,3,3) for the `hog_enc.{k}.conv.weight` keys among `missing`.
 
     Only the weights are deterministic; a missing HOG bias (random per run, docs/method.md#hog-bias)
@@ -44,6 +55,22 @@ def fixed_hog_kernels(spec: ViTSpec, missing: Iterable[str]) -> Dict[str, np.nda
     """
     from localmim.core.targets import sobel_kernel
     return {k: sobel_kernel() for k in missing if re.match(r"^hog_enc\.\d+\.conv\.weight$", k)}
+
+
+def _family(spec) -> str:
+    return getattr(spec, "family", "vit")
+
+
+def _canonical_shapes(spec) -> Dict[str, Tuple[int, ...]]:
+    return swin_canonical_shapes(spec) if _family(spec) == "swin" else vit_canonical_shapes(spec)
+
+
+def _encoder_shapes(spec) -> Dict[str, Tuple[int, ...]]:
+    return swin_encoder_shapes(spec) if _family(spec) == "swin" else vit_encoder_shapes(spec)
+
+
+def _is_branch_norm(name: str) -> bool:
+    return bool(BRANCH_NORM_KEY.match(name) or re.match(r"^encoder\.norm\.\d+\.(weight|bias)$", name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,9 +133,6 @@ def from_mae(state: Mapping[str, np.ndarray], spec: ViTSpec,
             f"or img_size.")
     expected = vit_canonical_shapes(spec)
     _check_subset(expected, out, what)
-    missing_enc = sorted(k for k in enc if k not in out)
-    if missing_enc:
-        check_state(enc, {k: v for k, v in out.items() if k in enc}, what)
     return out, sorted(k for k in expected if k not in out)
 
 
@@ -122,6 +146,60 @@ def mae_encoder_part(state: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """An MAE / timm state without its decoder (`decoder_*`, `mask_token`) and head (`head`, `fc_norm`)
     keys: what `timm.create_model(..., num_classes=0)` loads as is (names unchanged)."""
     return {k: v for k, v in state.items() if not (MAE_DECODER_KEY.match(k) or TIMM_HEAD_KEY.match(k))}
+
+
+def mae_decoder_part(state: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """The MAE decoder keys of a state (`decoder_*` and the top-level `mask_token`)."""
+    return {k: v for k, v in state.items() if MAE_DECODER_KEY.match(k)}
+
+
+def _linear(prefix: str, out_dim: int, in_dim: int) -> Dict[str, Tuple[int, ...]]:
+    return {f"{prefix}.weight": (out_dim, in_dim), f"{prefix}.bias": (out_dim,)}
+
+
+def mae_decoder_shapes(spec: ViTSpec, decoder_dim: int, decoder_depth: int,
+                       decoder_hidden: int) -> Dict[str, Tuple[int, ...]]:
+    """The MAE decoder (facebookresearch/mae models_mae.py) of a ViT `spec`: mask_token (1,1,d),
+    decoder_embed (d, D), decoder_pos_embed (1, 1+N, d), decoder_blocks.{j} (timm Blocks of
+    width d, MLP hidden width `decoder_hidden`), decoder_norm (d), decoder_pred (p*p*3, d)."""
+    d, p = decoder_dim, spec.patch_size
+    out: Dict[str, Tuple[int, ...]] = {"mask_token": (1, 1, d), "decoder_pos_embed": (1, 1 + spec.num_patches, d)}
+    out.update(_linear("decoder_embed", d, spec.embed_dim))
+    for j in range(decoder_depth):
+        pre = f"decoder_blocks.{j}"
+        out.update({f"{pre}.norm1.weight": (d,), f"{pre}.norm1.bias": (d,), f"{pre}.norm2.weight": (d,),
+                    f"{pre}.norm2.bias": (d,)})
+        out.update(_linear(f"{pre}.attn.qkv", 3 * d, d))
+        out.update(_linear(f"{pre}.attn.proj", d, d))
+        out.update(_linear(f"{pre}.mlp.fc1", decoder_hidden, d))
+        out.update(_linear(f"{pre}.mlp.fc2", d, decoder_hidden))
+    out.update({"decoder_norm.weight": (d,), "decoder_norm.bias": (d,)})
+    out.update(_linear("decoder_pred", p * p * 3, d))
+    return out
+
+
+def _checked_mae_decoder(state: Mapping[str, np.ndarray], spec: ViTSpec, what: str) -> Dict[str, np.ndarray]:
+    """The MAE decoder keys of `state`, checked complete for `spec` (its width, depth and MLP
+    width read from decoder_embed, decoder_blocks and decoder_blocks.0.mlp.fc1)."""
+    dec = mae_decoder_part(state)
+    if "decoder_embed.weight" not in dec:
+        raise StateError(f"{what} has no MAE decoder (decoder_embed, decoder_blocks, ..., mask_token): "
+                         f"a LocalMIM model's decoders have another geometry; write 'mae-encoder' instead")
+    d = shape_tuple(dec["decoder_embed.weight"])[0]
+    depth = len({k.split(".")[1] for k in dec if k.startswith("decoder_blocks.")})
+    fc1 = dec.get("decoder_blocks.0.mlp.fc1.weight")
+    hidden = shape_tuple(fc1)[0] if fc1 is not None else int(d * spec.mlp_ratio)
+    expected = mae_decoder_shapes(spec.with_(img_size=_mae_img_size(dec, spec)), d, depth, hidden)
+    check_state(expected, dec, f"{what} (MAE decoder)")
+    return dec
+
+
+def _mae_img_size(dec: Mapping[str, np.ndarray], spec: ViTSpec) -> int:
+    """The image size the MAE decoder's decoder_pos_embed was made for (its grid x patch)."""
+    if "decoder_pos_embed" not in dec:
+        return spec.img_size
+    g = int(round((shape_tuple(dec["decoder_pos_embed"])[1] - 1) ** 0.5))
+    return g * spec.patch_size if g > 0 else spec.img_size
 
 
 def to_timm(state: Mapping[str, np.ndarray], spec: ViTSpec,
@@ -142,6 +220,16 @@ def to_timm(state: Mapping[str, np.ndarray], spec: ViTSpec,
     return out
 
 
+def to_mae(state: Mapping[str, np.ndarray], spec: ViTSpec, decoder: Optional[Mapping[str, np.ndarray]] = None,
+           what: str = "checkpoint") -> Dict[str, np.ndarray]:
+    """Canonical state -> MAE names: the timm encoder names (`to_timm`), plus the MAE `decoder`
+    keys when given (the "mae" layout; without them "mae-encoder")."""
+    out = to_timm(state, spec, what)
+    if decoder is not None:
+        out.update(decoder)
+    return out
+
+
 def timm_kwargs(spec: ViTSpec) -> Dict[str, object]:
     """Arguments for `timm.create_model(**timm_kwargs(spec))` building our encoder as a timm ViT."""
     return {"model_name": f"vit_base_patch{spec.patch_size}_224", "pretrained": False, "num_classes": 0,
@@ -149,17 +237,19 @@ def timm_kwargs(spec: ViTSpec) -> Dict[str, object]:
             "depth": spec.depth, "num_heads": spec.num_heads, "mlp_ratio": spec.mlp_ratio}
 
 
-def identity_branch_norms(spec: ViTSpec, missing: Iterable[str]) -> Dict[str, np.ndarray]:
-    """Reference-init (weight 1, bias 0) arrays for the branch-norm keys among `missing`."""
+def identity_branch_norms(spec, missing: Iterable[str]) -> Dict[str, np.ndarray]:
+    """Reference-init (weight 1, bias 0) arrays for the branch-norm keys among `missing` (ViT
+    `norm.{k}.*`, Swin `encoder.norm.{k}.*`, width from the spec's canonical shapes)."""
+    shapes = _encoder_shapes(spec)
     out = {}
     for name in missing:
-        if BRANCH_NORM_KEY.match(name):
+        if _is_branch_norm(name) and name in shapes:
             fill = np.ones if name.endswith(".weight") else np.zeros
-            out[name] = fill((spec.embed_dim,), dtype=np.float32)
+            out[name] = fill(shapes[name], dtype=np.float32)
     return out
 
 
-def _hog_notes(state: Mapping[str, object], spec: ViTSpec) -> List[str]:
+def _hog_notes(state: Mapping[str, object], spec) -> List[str]:
     convs = sorted(k for k in state if k.startswith("hog_enc."))
     if spec.target.kind != "hog":
         return [] if not convs else [f"{len(convs)} hog_enc key(s) present although the target is pixels"]
@@ -169,53 +259,140 @@ def _hog_notes(state: Mapping[str, object], spec: ViTSpec) -> List[str]:
     return [f"HOG target: {spec.target.nbins} bins, " + (f"{bias} frozen Sobel bias(es) kept" if bias else "no Sobel bias")]
 
 
-def convert_state(state: Mapping[str, np.ndarray], src_layout: str, dst_layout: str, spec: ViTSpec,
-                  what: str = "checkpoint") -> Tuple[Dict[str, np.ndarray], List[str]]:
-    """Map `state` from `src_layout` to `dst_layout` for `spec`.
+# ----------------------------------------------------------------------------------------------
+# reading and writing any layout
 
-    dst_layout: "localmim" (full canonical; every key must come from the source), "localmim-encoder"
-    (canonical encoder; branch norms the source lacks are initialised to weight 1 / bias 0) or
-    "timm-vit"; Swin layouts (or a SwinSpec) go to `convert_swin_state`. Returns (new_state, notes):
-    notes are one-line remarks such as the newly
-    initialised keys. Raises StateError naming keys when the source cannot fill the destination.
+
+def _renamed_to_canonical(state, layout: str, spec, what: str) -> Dict[str, np.ndarray]:
+    """Canonical names (and merge order) only; `to_canonical` checks the result."""
+    if LAYOUT_INFO[layout].family == "swin":
+        return swin_to_canonical(state, layout, spec, what)
+    if layout in ("localmim-vit", "localmim-vit-encoder", "official-localmim-vit"):
+        return from_localmim(state, spec, what)[0]
+    return from_mae(state, spec, what)[0]
+
+
+def to_canonical(state: Mapping[str, np.ndarray], layout: str, spec,
+                 what: str = "checkpoint") -> Tuple[Dict[str, np.ndarray], List[str]]:
+    """A state of `layout` -> (canonical state, notes), checked against `spec`.
+
+    The encoder must be complete; the decoders and target convs must all be there or all be
+    absent (an encoder file); absent fixed Sobel kernels beside present decoders are refilled.
+    Branch norms may be absent only in layouts that have one final norm instead (MAE, timm,
+    Swin encoders). One StateError names every missing, unexpected and mis-shaped key. The result
+    may lack the decoders, targets and (final-norm layouts) all but the last branch norm.
     """
-    for name, role in ((src_layout, "source"), (dst_layout, "destination")):
-        if name not in LAYOUTS:
-            raise StateError(f"unknown {role} layout {name!r}; known layouts: {', '.join(LAYOUTS)}")
-    if getattr(spec, "family", "vit") == "swin" or src_layout in SWIN_LAYOUTS or dst_layout in SWIN_LAYOUTS:
-        return convert_swin_state(state, src_layout, dst_layout, spec, what)
-    if dst_layout in ("mae", "mae-encoder"):
-        raise StateError(f"writing the {dst_layout!r} layout is not supported; use 'timm-vit' (same encoder names)")
-    if src_layout in ("localmim", "localmim-encoder"):
-        canon, missing = from_localmim(state, spec, what)
-    else:
-        canon, missing = from_mae(state, spec, what)
-    notes = _hog_notes(canon, spec) if src_layout == "localmim" else []
-    enc_keys = vit_encoder_shapes(spec)
-    if dst_layout == "localmim":
-        sobel = fixed_hog_kernels(spec, missing)
-        if sobel and src_layout == "localmim":
+    check_layout_name(layout, "source layout")
+    canon = _renamed_to_canonical(state, layout, spec, what)
+    expected = _canonical_shapes(spec)
+    encoder = _encoder_shapes(spec)
+    has_heads = any(k in expected and k not in encoder and not k.startswith("hog_enc.") for k in canon)
+    notes = _hog_notes(canon, spec) if has_heads else []
+    if has_heads:
+        sobel = fixed_hog_kernels(spec, [k for k in expected if k not in canon])
+        if sobel:
             canon.update(sobel)
-            missing = [k for k in missing if k not in sobel]
             notes.append(f"filled {len(sobel)} absent HOG kernel(s) with the fixed Sobel filter")
-        if missing and src_layout != "localmim":
-            raise StateError(
-                f"{what} ({src_layout}) cannot fill a full LocalMIM state for {spec.name}: "
-                f"{len(missing)} missing key(s): {format_key_list(missing)}; convert to the encoder only instead.")
-        check_state(vit_canonical_shapes(spec), canon, what)
-        return canon, notes
-    fresh = identity_branch_norms(spec, [k for k in missing if k in enc_keys])
+    optional = {k for k in expected if k not in encoder} if not has_heads else set()
+    if layout in _FINAL_NORM_LAYOUTS:
+        optional |= {k for k in encoder if _is_branch_norm(k)}
+    check_state({k: v for k, v in expected.items() if k not in optional or k in canon}, canon, what)
+    return canon, notes
+
+
+def _complete_encoder(canon: Dict[str, np.ndarray], spec, notes: List[str]) -> Dict[str, np.ndarray]:
+    """The canonical encoder part of `canon`, absent branch norms initialised (weight 1, bias 0)."""
+    encoder = _encoder_shapes(spec)
+    out = {k: v for k, v in canon.items() if k in encoder}
+    fresh = identity_branch_norms(spec, [k for k in encoder if k not in out])
     if fresh:
         notes.append(f"newly initialised (weight 1, bias 0): {format_key_list(sorted(fresh))}")
-    dropped = sorted(k for k in canon if k not in enc_keys)
+        out.update(fresh)
+    dropped = sorted(k for k in canon if k not in encoder)
     if dropped:
         notes.append(f"dropped {len(dropped)} decoder/target key(s)")
-    encoder = {k: canon[k] for k in canon if k in enc_keys}
-    encoder.update(fresh)
-    check_state(enc_keys, encoder, what)
-    if dst_layout == "localmim-encoder":
+    return out
+
+
+def from_canonical(canon: Mapping[str, np.ndarray], layout: str, spec, what: str = "checkpoint",
+                   mae_decoder: Optional[Mapping[str, np.ndarray]] = None) -> Tuple[Dict[str, np.ndarray], List[str]]:
+    """A canonical state (from `to_canonical`) -> (state in `layout`, notes).
+
+    Full layouts need every canonical key (a source without decoders can only go to an encoder
+    layout); "mae" needs `mae_decoder` (the MAE decoder keys of an MAE source). Encoder layouts
+    keep the encoder (absent branch norms initialised to weight 1 / bias 0; the final-norm layouts
+    keep only the last branch norm, as their `norm.*`).
+    """
+    info = LAYOUT_INFO[check_layout_name(layout, "destination layout")]
+    if info.family != _family(spec):
+        raise StateError(f"layout {layout} is a {info.family} layout but the model is a {_family(spec)} one")
+    notes: List[str] = []
+    if info.parts == "full" and layout != "mae":
+        expected = _canonical_shapes(spec)
+        missing = sorted(k for k in expected if k not in canon)
+        if missing:
+            encoder_layout = layout.replace("official-", "") + "-encoder"
+            raise StateError(
+                f"{what} cannot fill a full {layout} state for {spec.name}: {len(missing)} missing key(s): "
+                f"{format_key_list(missing)}; write the encoder layout {encoder_layout} instead.")
+        check_state(expected, canon, what)
+        if layout == "official-localmim-swin":
+            notes.append("wrote merge order TL,TR,BL,BR and relative_position_index buffers (official layout)")
+            return to_official_swin(canon, spec), notes
+        return dict(canon), notes
+    encoder = _complete_encoder(dict(canon), spec, notes)
+    check_state(_encoder_shapes(spec), encoder, what)
+    if layout in ("localmim-vit-encoder", "localmim-swin-encoder"):
         return encoder, notes
-    return to_timm(encoder, spec, what), notes
+    if layout == "timm-vit":
+        return to_timm(encoder, spec, what), notes
+    if layout in ("mae", "mae-encoder"):
+        if layout == "mae" and mae_decoder is None:
+            raise StateError(f"{what} has no MAE decoder (decoder_embed, decoder_blocks, ..., mask_token): "
+                             f"a LocalMIM model's decoders have another geometry; write 'mae-encoder' instead")
+        return to_mae(encoder, spec, mae_decoder if layout == "mae" else None, what), notes
+    if layout == "swin-encoder":
+        return to_swin_encoder(encoder, spec, what), notes
+    return to_timm_swin(encoder, spec, what), notes
+
+
+def _resampled_mae_decoder(dec: Dict[str, np.ndarray], dst: ViTSpec, notes: List[str]) -> Dict[str, np.ndarray]:
+    out = dict(dec)
+    out["decoder_pos_embed"], how = resize_pos_table(dec["decoder_pos_embed"], dst.grid, cls_token=True)
+    if how != "unchanged":
+        notes.append(f"decoder_pos_embed: grid -> {dst.grid} ({how})")
+    return out
+
+
+def convert_state(state: Mapping[str, np.ndarray], src_layout: str, dst_layout: str, spec,
+                  what: str = "checkpoint", dst_spec=None) -> Tuple[Dict[str, np.ndarray], List[str]]:
+    """Map `state` from `src_layout` to `dst_layout` for `spec` -> (new_state, notes).
+
+    `to_canonical`, then core.resample.resample_state when `dst_spec` (the same model at another
+    img_size / window) is given, then `from_canonical`. "mae" as the destination carries the MAE
+    decoder of an "mae" source over (its decoder_pos_embed resampled too). Notes are one-line
+    remarks (permuted merges, initialised keys, resampled tables). Raises StateError naming keys.
+    """
+    for name, role in ((src_layout, "source layout"), (dst_layout, "destination layout")):
+        check_layout_name(name, role)
+    canon, notes = to_canonical(state, src_layout, spec, what)
+    if src_layout == "official-localmim-swin":
+        merges = sum(1 for k in canon if is_merge_key(k))
+        notes.append(f"merge order TL,TR,BL,BR -> TL,BL,TR,BR: permuted {merges} merge tensor(s); "
+                     f"dropped relative_position_index buffers")
+    target = dst_spec or spec
+    if dst_spec is not None and dst_spec != spec:
+        canon, more = resample_state(canon, spec, dst_spec)
+        notes += more
+    decoder = None
+    if dst_layout == "mae":
+        if src_layout != "mae":
+            raise StateError(f"{what} ({src_layout}) has no MAE decoder (decoder_embed, decoder_blocks, ..., "
+                             f"mask_token): a LocalMIM model's decoders have another geometry; write "
+                             f"'mae-encoder' instead")
+        decoder = _resampled_mae_decoder(_checked_mae_decoder(state, spec, what), target, notes)
+    out, more = from_canonical(canon, dst_layout, target, what, mae_decoder=decoder)
+    return out, notes + more
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,13 +439,12 @@ def _permute_merges(state: Mapping[str, np.ndarray], fn) -> Dict[str, np.ndarray
     return {k: (fn(np.asarray(v), -1) if is_merge_key(k) else v) for k, v in state.items()}
 
 
-def from_official_swin(state: Mapping[str, np.ndarray], spec,
-                       what: str = "checkpoint") -> Dict[str, np.ndarray]:
-    """Official LocalMIM Swin -> our layout: drop the relative_position_index buffers (checked
-    against the stage windows) and swap the middle C-blocks of every merge weight."""
+def _drop_index_buffers(state: Mapping[str, np.ndarray], spec, what: str, pattern=REL_INDEX_KEY) -> Dict[str, np.ndarray]:
+    """`state` without its relative_position_index buffers, each checked to be Swin's index for
+    its stage's window (a buffer for another window means another model)."""
     out = {}
     for name, value in state.items():
-        m = REL_INDEX_KEY.match(name)
+        m = pattern.match(name)
         if m is None:
             out[name] = value
             continue
@@ -279,7 +455,14 @@ def from_official_swin(state: Mapping[str, np.ndarray], spec,
         if shape_tuple(value) != expected.shape or not np.array_equal(np.asarray(value), expected):
             raise StateError(f"{what}: {name} (shape {shape_tuple(value)}) is not Swin's relative position index "
                              f"for a {spec.stage_window(s)}x{spec.stage_window(s)} window {expected.shape}")
-    return _permute_merges(out, merge_official_to_ours)
+    return out
+
+
+def from_official_swin(state: Mapping[str, np.ndarray], spec,
+                       what: str = "checkpoint") -> Dict[str, np.ndarray]:
+    """Official LocalMIM Swin -> our layout: drop the relative_position_index buffers (checked
+    against the stage windows) and swap the middle C-blocks of every merge weight."""
+    return _permute_merges(_drop_index_buffers(state, spec, what), merge_official_to_ours)
 
 
 def to_official_swin(state: Mapping[str, np.ndarray], spec) -> Dict[str, np.ndarray]:
@@ -311,14 +494,21 @@ def to_swin_encoder(state: Mapping[str, np.ndarray], spec, what: str = "checkpoi
     return out
 
 
+_PLAIN_INDEX_KEY = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_index$")
+
+
 def from_swin_encoder(state: Mapping[str, np.ndarray], spec, what: str = "checkpoint") -> Dict[str, np.ndarray]:
-    """"swin-encoder" -> canonical encoder keys (the inverse of `to_swin_encoder`)."""
+    """"swin-encoder" -> canonical encoder keys (the inverse of `to_swin_encoder`). A standard
+    Swin's `head.*` and `attn_mask` buffers are dropped, its relative_position_index buffers
+    checked against the windows and dropped."""
     bad = sorted(k for k in state if not SWIN_ENCODER_KEY.match(k))
     if bad:
         raise StateError(f"{what} has {len(bad)} key(s) that are not Swin encoder keys: {format_key_list(bad)}.")
+    plain = {k: v for k, v in state.items() if not (k.startswith("head.") or k.endswith(".attn_mask"))}
+    plain = _drop_index_buffers(plain, spec, what, _PLAIN_INDEX_KEY)
     last = _last_swin_norm(spec)
     return {(f"{last}.{k.split('.')[-1]}" if k.startswith("norm.") else "encoder." + k): v
-            for k, v in state.items()}
+            for k, v in plain.items()}
 
 
 def to_timm_swin(state: Mapping[str, np.ndarray], spec, what: str = "checkpoint") -> Dict[str, np.ndarray]:
@@ -359,57 +549,25 @@ def timm_swin_kwargs(spec) -> Dict[str, object]:
 def swin_to_canonical(state: Mapping[str, np.ndarray], layout: str, spec,
                       what: str = "checkpoint") -> Dict[str, np.ndarray]:
     """Any SWIN_LAYOUTS state -> canonical names and merge order (possibly only the encoder part);
-    only renames, drops buffers and permutes merges: shapes are checked by the caller."""
+    only renames, drops buffers and permutes merges: shapes are checked by the caller.
+
+    "localmim-swin" / "localmim-swin-encoder": Swin merge order whatever the buffers: present
+    relative_position_index buffers are checked against the windows and dropped."""
+    if layout not in SWIN_LAYOUTS:
+        raise StateError(f"unknown Swin layout {layout!r}; known: {', '.join(SWIN_LAYOUTS)}")
     if layout == "official-localmim-swin":
         return from_official_swin(state, spec, what)
-    if layout == "localmim-swin":
-        stray = sorted(k for k in state if REL_INDEX_KEY.match(k))
-        if stray:
-            raise StateError(f"{what} has relative_position_index buffers ({format_key_list(stray)}), which "
-                             f"only the official layout has; use --from official-localmim-swin")
-        return dict(state)
+    if layout in ("localmim-swin", "localmim-swin-encoder"):
+        return _drop_index_buffers(state, spec, what)
     if layout == "swin-encoder":
         return from_swin_encoder(state, spec, what)
     return from_timm_swin(state, spec, what)
 
 
 def convert_swin_state(state: Mapping[str, np.ndarray], src_layout: str, dst_layout: str, spec,
-                       what: str = "checkpoint") -> Tuple[Dict[str, np.ndarray], List[str]]:
-    """Map a Swin `state` between SWIN_LAYOUTS for `spec` -> (new_state, notes).
-
-    Full destinations ("localmim-swin", "official-localmim-swin") need every canonical key
-    (absent HOG Sobel weights are refilled); a source without decoders can only go to
-    "swin-encoder" or "timm-swin". Raises StateError naming the missing / unexpected /
-    mis-shaped keys.
-    """
+                       what: str = "checkpoint", dst_spec=None) -> Tuple[Dict[str, np.ndarray], List[str]]:
+    """`convert_state` for two SWIN_LAYOUTS (kept for callers that name the family)."""
     for name, role in ((src_layout, "source"), (dst_layout, "destination")):
         if name not in SWIN_LAYOUTS:
             raise StateError(f"unknown Swin {role} layout {name!r}; known: {', '.join(SWIN_LAYOUTS)}")
-    canon = swin_to_canonical(state, src_layout, spec, what)
-    expected = swin_canonical_shapes(spec)
-    full = dst_layout in ("localmim-swin", "official-localmim-swin")
-    if not full:
-        _check_subset(expected, canon, what)
-    notes = []
-    if src_layout == "official-localmim-swin":
-        merges = sum(1 for k in canon if is_merge_key(k))
-        notes.append(f"merge order TL,TR,BL,BR -> TL,BL,TR,BR: permuted {merges} merge tensor(s); "
-                     f"dropped relative_position_index buffers")
-    missing = sorted(k for k in expected if k not in canon)
-    if full:  # one message naming every missing, unexpected and mis-shaped key
-        sobel = fixed_hog_kernels(spec, missing)
-        if sobel and any(k.startswith("decoder.") for k in canon):
-            canon.update(sobel)
-            notes.append(f"filled {len(sobel)} absent HOG kernel(s) with the fixed Sobel filter")
-        check_state(expected, canon, what)
-        if dst_layout == "official-localmim-swin":
-            notes.append("wrote merge order TL,TR,BL,BR and relative_position_index buffers (official layout)")
-            return to_official_swin(canon, spec), notes
-        return canon, notes
-    dropped = sorted(k for k in canon if not k.startswith("encoder.") or
-                     (k.startswith("encoder.norm.") and not k.startswith(_last_swin_norm(spec) + ".")))
-    if dropped:
-        notes.append(f"dropped {len(dropped)} decoder/target/branch-norm key(s)")
-    if dst_layout == "swin-encoder":
-        return to_swin_encoder(canon, spec, what), notes
-    return to_timm_swin(canon, spec, what), notes
+    return convert_state(state, src_layout, dst_layout, spec, what, dst_spec)

@@ -14,6 +14,7 @@ from typing import Dict, Optional, Tuple
 __all__ = [
     "SpecError", "TargetSpec", "BranchSpec", "ViTSpec", "SwinSpec",
     "VIT_SPECS", "SWIN_SPECS", "get_spec", "list_specs", "default_taps",
+    "ARCH_KEYS", "spec_to_arch", "spec_from_arch",
 ]
 
 VIT_SCALES = (4.0, 2.0, 1.0, 0.5)
@@ -299,3 +300,62 @@ def get_spec(name: str, **overrides):
     else:
         raise SpecError(f"unknown model {name!r}; known models: {', '.join(list_specs())}")
     return base.with_(**overrides) if overrides else base
+
+
+# ----------------------------------------------------------------------------------------------
+# architectures as flat dicts: what `localmim convert` writes beside the weights and reads back
+# (JSON-friendly values), and the keys of its `--arch key=value` options
+
+_TARGET_KEYS = ("target", "nbins", "hog_bias", "norm_pix")
+ARCH_KEYS: Dict[str, Tuple[str, ...]] = {
+    "vit": ("name", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "img_size", "taps",
+            "scales", "decoder_dim", "decoder_depth", "decoder_heads") + _TARGET_KEYS,
+    "swin": ("name", "patch_size", "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio",
+             "img_size", "decoder_dims", "decoder_depth", "decoder_heads") + _TARGET_KEYS,
+}
+
+
+def spec_to_arch(spec) -> Dict[str, object]:
+    """A spec as a flat dict {"family", the ARCH_KEYS of its family}: tuples become lists and the
+    target's fields sit at the top ("target" = its kind), so the dict is JSON text's round trip."""
+    out: Dict[str, object] = {"family": spec.family}
+    for key in ARCH_KEYS[spec.family]:
+        if key == "target":
+            out[key] = spec.target.kind
+        elif key in _TARGET_KEYS:
+            out[key] = getattr(spec.target, key)
+        else:
+            value = getattr(spec, key)
+            out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def spec_from_arch(arch) -> "ViTSpec | SwinSpec":
+    """The spec a flat arch dict describes (the inverse of `spec_to_arch`).
+
+    "family" ("vit" or "swin") and every field without a default (ViT: patch_size, embed_dim,
+    depth, num_heads; Swin: embed_dim, depths, num_heads, window_size) are required; "name"
+    defaults to "custom_<family>". Raises SpecError naming an unknown or missing key.
+    """
+    family = arch.get("family")
+    if family not in ARCH_KEYS:
+        raise SpecError(f"architecture family must be 'vit' or 'swin', got {family!r}")
+    allowed = ARCH_KEYS[family]
+    unknown = sorted(k for k in arch if k != "family" and k not in allowed)
+    if unknown:
+        raise SpecError(f"unknown {family} architecture key(s) {', '.join(unknown)}; known: {', '.join(allowed)}")
+    fields = {k: v for k, v in arch.items() if k in allowed and k not in _TARGET_KEYS}
+    fields.setdefault("name", f"custom_{family}")
+    target = {k: arch[k] for k in _TARGET_KEYS if k in arch}
+    if target:
+        default = TargetSpec() if family == "vit" else TargetSpec(kind="pixel", norm_pix=True)
+        kind = target.pop("target", default.kind)
+        fields["target"] = replace(default, kind=kind, **target)
+    for key in ("taps", "scales", "depths", "num_heads", "decoder_dims"):
+        if isinstance(fields.get(key), list):
+            fields[key] = tuple(fields[key])
+    cls = ViTSpec if family == "vit" else SwinSpec
+    try:
+        return cls(**fields)
+    except TypeError as exc:  # a required field is absent
+        raise SpecError(f"incomplete or ill-typed {family} architecture: {exc}") from None

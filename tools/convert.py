@@ -1,43 +1,51 @@
 """`localmim convert SRC DST`: move ViT and Swin weights between frameworks and codebases.
 
 Reads a PyTorch `.pth/.pt/.bin` (this package's training checkpoints, official LocalMIM, MAE or
-timm files), a MindSpore `.ckpt` or a `.safetensors` file, detects its family (ViT or Swin), layout
-and model size (core.layouts), maps it through the canonical state (core.keymaps) and writes `.pth`,
-`.ckpt`, `.safetensors` or a timm-compatible encoder. Every write is atomic and verified by reading
-the file back.
+timm files), a MindSpore `.ckpt` or a `.safetensors` file; names its layout (core.layouts:
+`--list-layouts` prints them, `--from` overrides the detection) and architecture (from the shapes,
+with what they cannot tell from `--arch key=value` / `--arch-file`, or from the architecture
+recorded in the file); maps it through the canonical state (core.keymaps), resamples position
+tables on request (`--img-size`, `--window`, core.resample) and writes the layout `--layout` (by
+default ours, or its encoder part) as `.pth`, `.ckpt` or `.safetensors`. The architecture is
+recorded in the output (PyTorch: an "arch" entry beside "model"; safetensors: metadata; MindSpore:
+a `meta.arch` string) so that it reloads without options. Every write is atomic and verified by
+reading the file back; `--check` also runs both models on the same images.
 
 Swin: an official LocalMIM Swin checkpoint is recognised by its relative_position_index buffers
 (or `--from official-localmim-swin`); its patch-merging weights are permuted from the official
-order TL, TR, BL, BR to ours (Swin's TL, BL, TR, BR). `--layout official-localmim-swin` writes the
-official layout back, `--layout swin-encoder` a standard Swin encoder for fine-tuning and
-`--to timm` a timm SwinTransformer state.
+order TL, TR, BL, BR to ours (Swin's TL, BL, TR, BR). A file in Swin order that still has the
+buffers reads with `--from localmim-swin`.
 
 Loading never runs code from the file: PyTorch files are read with `weights_only=True`, allowing
-exactly `argparse.Namespace` (the `args` entry of official LocalMIM and MAE checkpoints).
+exactly `argparse.Namespace` (the `args` entry of official LocalMIM and MAE checkpoints); every
+tensor must be floating point (integer buffers only as relative_position_index).
 MindSpore is imported only for `.ckpt` files and torch only for `.pth` files and `--check`.
+`read_pretrained` is the loaders' way in (backends' inference.load_pretrained).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import sys
 import warnings
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from localmim.core import keymaps, layouts
 from localmim.core.files import write_atomically
-from localmim.core.specs import SpecError, SwinSpec, ViTSpec
+from localmim.core.specs import ARCH_KEYS, SpecError, SwinSpec, ViTSpec, spec_to_arch
 from localmim.core.state import StateError
 
-__all__ = ["ConvertError", "add_arguments", "run", "main", "read_state", "write_state",
-           "output_format", "check_models"]
+__all__ = ["ConvertError", "add_arguments", "run", "main", "read_state", "write_state", "read_pretrained",
+           "resolve_source", "output_format", "check_models", "parse_arch_options"]
 
 TORCH_EXTS = (".pth", ".pt", ".bin")
-FORMATS = ("pth", "ckpt", "safetensors", "timm")
+FORMATS = ("pth", "ckpt", "safetensors", "timm")  # --to: a file format, or timm (= --layout timm-vit/timm-swin)
 CHECK_TOLERANCE = 1e-4  # max abs feature difference accepted by --check (float32, two frameworks)
+_INTEGER_OK = (".relative_position_index",)  # the only integer tensors a weights file may hold
 
 
 class ConvertError(ValueError):
@@ -45,12 +53,20 @@ class ConvertError(ValueError):
 
 
 def _first_line(exc: BaseException) -> str:
+    """The first sentence of an exception's message (frameworks append advice in more)."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
+    if not text:
+        return exc.__class__.__name__
+    line = text.splitlines()[0]
+    return line.split(". ")[0].rstrip(".")
 
 
 # ----------------------------------------------------------------------------------------------
-# readers: path -> (canonical-or-foreign state dict[str, np.ndarray], metadata dict)
+# readers: path -> (object with the state inside, metadata dict)
+#
+# metadata keys: "layout" (the layout this package recorded), "arch" (a recorded architecture
+# dict), "config" (a training checkpoint's config dict), "official" (an args Namespace was there),
+# plus any other safetensors metadata strings.
 
 
 def _to_numpy(name: str, value, path: str) -> np.ndarray:
@@ -60,17 +76,40 @@ def _to_numpy(name: str, value, path: str) -> np.ndarray:
         value = value.detach().cpu()
         if value.is_floating_point() and value.dtype != torch.float32:
             value = value.float()
-        return value.numpy()
-    if hasattr(value, "asnumpy"):  # mindspore Tensor / Parameter
+        value = value.numpy()
+    elif hasattr(value, "asnumpy"):  # mindspore Tensor / Parameter
         value = value.asnumpy()
-    if isinstance(value, np.ndarray):
-        if np.issubdtype(value.dtype, np.floating) and value.dtype != np.float32:
-            value = value.astype(np.float32)
+    if not isinstance(value, np.ndarray):
+        raise ConvertError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
+    if np.issubdtype(value.dtype, np.floating):
+        return value if value.dtype == np.float32 else value.astype(np.float32)
+    if np.issubdtype(value.dtype, np.integer) and name.endswith(_INTEGER_OK):
         return value
-    raise ConvertError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
+    raise ConvertError(f"{path}: entry {name!r} has dtype {value.dtype}; model weights must be floating point "
+                       f"(float16, bfloat16, float32 or float64)")
 
 
-def _read_torch(path: str) -> Tuple[Dict[str, object], Dict[str, str]]:
+def _json_meta(path: str, text, what: str):
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        raise ConvertError(f"{path}: its {what} entry is not valid JSON") from None
+
+
+def _torch_meta(obj) -> Dict[str, object]:
+    meta: Dict[str, object] = {}
+    if isinstance(obj, Mapping):
+        if isinstance(obj.get("arch"), Mapping):
+            meta["arch"] = dict(obj["arch"])
+        if isinstance(obj.get("layout"), str):
+            meta["layout"] = obj["layout"]
+        if isinstance(obj.get("config"), Mapping):
+            meta["config"] = dict(obj["config"])
+        meta["official"] = isinstance(obj.get("args"), argparse.Namespace)
+    return meta
+
+
+def _read_torch(path: str) -> Tuple[Dict[str, object], Dict[str, object]]:
     try:
         import torch
     except ImportError:
@@ -88,34 +127,44 @@ def _read_torch(path: str) -> Tuple[Dict[str, object], Dict[str, str]]:
             f"argparse.Namespace, and untrusted code is never run ({reason})") from None
     except Exception as exc:  # truncated zips, junk bytes: torch raises many types
         raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
-    return obj, {}
+    return obj, _torch_meta(obj)
 
 
-def _read_mindspore(path: str) -> Tuple[Dict[str, object], Dict[str, str]]:
+def _read_mindspore(path: str) -> Tuple[Dict[str, object], Dict[str, object]]:
     try:
         import mindspore
     except ImportError:
         raise ConvertError(f"{path}: reading .ckpt files needs MindSpore, which is not installed "
                            f"(pip install 'localmim[mindspore]')") from None
     try:
-        params = mindspore.load_checkpoint(path)
+        params = dict(mindspore.load_checkpoint(path))
     except (RuntimeError, ValueError, OSError, TypeError) as exc:
         raise ConvertError(f"{path}: not a readable MindSpore checkpoint ({_first_line(exc)})") from None
-    return dict(params), {}
+    meta: Dict[str, object] = {}
+    if isinstance(params.get("meta.arch"), str):
+        meta["arch"] = _json_meta(path, params["meta.arch"], "meta.arch")
+    if isinstance(params.get("meta.layout"), str):
+        meta["layout"] = params["meta.layout"]
+    if isinstance(params.get("meta.config"), str):
+        meta["config"] = _json_meta(path, params["meta.config"], "meta.config")
+    return params, meta
 
 
-def _read_safetensors(path: str) -> Tuple[Dict[str, object], Dict[str, str]]:
+def _read_safetensors(path: str) -> Tuple[Dict[str, object], Dict[str, object]]:
     from safetensors import safe_open
     from safetensors.numpy import load_file
     try:
         with safe_open(path, framework="np") as f:
-            meta = dict(f.metadata() or {})
-        return load_file(path), meta
-    except Exception as exc:  # safetensors raises its own SafetensorError or OSError
+            meta: Dict[str, object] = dict(f.metadata() or {})
+        state = load_file(path)
+    except Exception as exc:  # safetensors raises its own SafetensorError, OSError, TypeError (bf16)
         raise ConvertError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+    if "arch" in meta:
+        meta["arch"] = _json_meta(path, meta["arch"], "arch metadata")
+    return state, meta
 
 
-def _reader_for(path: str) -> Callable[[str], Tuple[Dict[str, object], Dict[str, str]]]:
+def _reader_for(path: str) -> Callable[[str], Tuple[Dict[str, object], Dict[str, object]]]:
     ext = os.path.splitext(path)[1].lower()
     if ext in TORCH_EXTS:
         return _read_torch
@@ -127,11 +176,12 @@ def _reader_for(path: str) -> Callable[[str], Tuple[Dict[str, object], Dict[str,
                        f"{', '.join(TORCH_EXTS)}, .ckpt or .safetensors")
 
 
-def read_state(path: str, reader: Optional[Callable] = None) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+def read_state(path: str, reader: Optional[Callable] = None) -> Tuple[Dict[str, np.ndarray], Dict[str, object]]:
     """Read a weights file -> (state {name: numpy array}, metadata).
 
     Unwraps "model" / "state_dict" / "module", strips DDP / torch.compile prefixes and drops the
-    optimizer and meta entries of training checkpoints (core.layouts.unwrap_checkpoint).
+    optimizer and meta entries of training checkpoints (core.layouts.unwrap_checkpoint). Floating
+    tensors become float32; any other dtype (but relative_position_index buffers) is refused.
     """
     if not os.path.isfile(path):
         raise ConvertError(f"{path}: no such file")
@@ -144,14 +194,103 @@ def read_state(path: str, reader: Optional[Callable] = None) -> Tuple[Dict[str, 
 
 
 # ----------------------------------------------------------------------------------------------
+# the source: layout, architecture, canonical state
+
+
+def _recorded_arch(meta: Mapping[str, object], path: str) -> Optional[Dict[str, object]]:
+    """The architecture a file records: its "arch" entry, or a training checkpoint's config."""
+    if isinstance(meta.get("arch"), Mapping):
+        return dict(meta["arch"])
+    if isinstance(meta.get("config"), Mapping):
+        from localmim.core import config as core_config
+        try:
+            return spec_to_arch(core_config.config_from_dict(dict(meta["config"]), where=f"{path} config").build_spec())
+        except (core_config.ConfigError, SpecError) as exc:
+            raise ConvertError(f"{path}: its training config does not describe a model: {_first_line(exc)}") from None
+    return None
+
+
+def resolve_source(state: Mapping[str, np.ndarray], meta: Mapping[str, object], path: str,
+                   layout: Optional[str] = None, name: Optional[str] = None,
+                   arch: Optional[Mapping[str, object]] = None):
+    """(layout, spec, notes) of a state read by `read_state`.
+
+    layout: the caller's (--from), else the one recorded in the file when it fits, else detected.
+    spec: core.layouts.infer_spec from the shapes, the architecture recorded in the file (or its
+    training config; not with `name`) and `arch` (the caller's options, which win), `name` (--model).
+    """
+    src_layout, how = layouts.resolve_layout(state, given=layout, recorded=meta.get("layout"),
+                                             official=bool(meta.get("official")), what=path)
+    recorded = None if name else _recorded_arch(meta, path)  # --model names the architecture itself
+    family = layouts.LAYOUT_INFO[src_layout].family
+    if recorded is not None and recorded.get("family") != family:
+        recorded = None  # an arch for the other family cannot describe these keys
+    merged = dict(recorded or {})
+    merged.update(arch or {})
+    spec, notes = layouts.infer_spec(state, src_layout, what=path, name=name, arch=merged or None,
+                                     from_file=recorded is not None)
+    return src_layout, spec, [f"layout {src_layout} ({how})"] + notes
+
+
+def _target_spec(spec, img_size: Optional[int], window: Optional[int], what: str):
+    """`spec` at another img_size / window (the resampling target), or `spec` itself."""
+    changes = {}
+    if img_size is not None and img_size != spec.img_size:
+        changes["img_size"] = int(img_size)
+    if window is not None:
+        if not isinstance(spec, SwinSpec):
+            raise ConvertError(f"{what}: --window applies to Swin models; this is a ViT")
+        if window != spec.window_size:
+            changes["window_size"] = int(window)
+    if not changes:
+        return spec
+    try:
+        return spec.with_(**changes)
+    except SpecError as exc:
+        raise ConvertError(f"{what}: cannot resample to {changes}: {exc}") from None
+
+
+def read_pretrained(path: str, layout: Optional[str] = None, **arch):
+    """What the backends' `load_pretrained(path, layout=None, **arch)` loads -> (spec, canonical
+    state, notes).
+
+    The file is read with the safe readers, its layout and architecture resolved as by
+    `localmim convert` (`arch`: core.specs.ARCH_KEYS values for what the shapes cannot tell;
+    `img_size` / `window_size` are the geometry wanted: position tables are resampled to it when
+    the file has another). The canonical state is checked strictly against the spec; it lacks the
+    decoders and target convs (and all but the last branch norm) when the file holds an encoder:
+    the loader takes those from a freshly built model.
+    """
+    family_keys = set(ARCH_KEYS["vit"]) | set(ARCH_KEYS["swin"])
+    unknown = sorted(k for k in arch if k not in family_keys)
+    if unknown:
+        raise ConvertError(f"unknown architecture option(s) {', '.join(unknown)}; known: "
+                           f"{', '.join(sorted(family_keys))}")
+    img_size, window = arch.pop("img_size", None), arch.pop("window_size", None)
+    state, meta = read_state(path)
+    src_layout, spec, notes = resolve_source(state, meta, path, layout=layout, arch=arch)
+    dst = _target_spec(spec, img_size, window, path)
+    canon, more = keymaps.to_canonical(state, src_layout, spec, path)
+    notes += more
+    if dst != spec:
+        from localmim.core.resample import resample_state
+        canon, more = resample_state(canon, spec, dst)
+        notes += more
+    return dst, canon, notes
+
+
+# ----------------------------------------------------------------------------------------------
 # writers
 
 
 def output_format(dst: str, to: Optional[str]) -> str:
-    """The output format: --to when given, else from DST's extension."""
+    """The file format, pth / ckpt / safetensors: --to when given (timm: .pth or .safetensors by
+    DST's extension), else from DST's extension."""
     ext = os.path.splitext(dst)[1].lower()
-    if to == "timm" and ext not in TORCH_EXTS + (".safetensors",):
-        raise ConvertError(f"{dst}: timm output is written as .pth or .safetensors, not {ext or 'no extension'!r}")
+    if to == "timm":
+        if ext not in TORCH_EXTS + (".safetensors",):
+            raise ConvertError(f"{dst}: timm output is written as .pth or .safetensors, not {ext or 'no extension'!r}")
+        return "safetensors" if ext == ".safetensors" else "pth"
     if to:
         return to
     if ext in TORCH_EXTS:
@@ -162,13 +301,14 @@ def output_format(dst: str, to: Optional[str]) -> str:
                        f"{'|'.join(FORMATS)}")
 
 
-def _write_torch(path: str, state: Dict[str, np.ndarray], wrap: bool) -> None:
+def _write_torch(path: str, state: Dict[str, np.ndarray], header: Optional[Dict[str, object]]) -> None:
+    """header None: a plain state dict (timm loads it strictly); else {"model": tensors, **header}."""
     import torch
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
-    torch.save({"model": tensors} if wrap else tensors, path)
+    torch.save(tensors if header is None else {"model": tensors, **header}, path)
 
 
-def _write_mindspore(path: str, state: Dict[str, np.ndarray]) -> None:
+def _write_mindspore(path: str, state: Dict[str, np.ndarray], strings: Dict[str, str]) -> None:
     try:
         import mindspore
     except ImportError:
@@ -176,7 +316,7 @@ def _write_mindspore(path: str, state: Dict[str, np.ndarray]) -> None:
                            f"(pip install 'localmim[mindspore]')") from None
     # A list of {"name", "data"}: saving a plain dict[str, Tensor] hits a MindSpore 2.10 bug.
     items = [{"name": k, "data": mindspore.Tensor(np.ascontiguousarray(v))} for k, v in state.items()]
-    mindspore.save_checkpoint(items, path)
+    mindspore.save_checkpoint(items, path, append_dict={f"meta.{k}": v for k, v in strings.items()} or None)
 
 
 def _write_safetensors(path: str, state: Dict[str, np.ndarray], metadata: Dict[str, str]) -> None:
@@ -200,46 +340,56 @@ def _verify(path: str, reader: Callable, state: Dict[str, np.ndarray], shown: st
 
 
 def write_state(dst: str, state: Dict[str, np.ndarray], fmt: str, metadata: Dict[str, str],
-                force: bool = False) -> None:
+                force: bool = False, layout: Optional[str] = None,
+                arch: Optional[Dict[str, object]] = None) -> None:
     """Write `state` to `dst` atomically, verified bit for bit before it replaces anything.
 
-    fmt: "pth" ({"model": tensors}), "ckpt" (MindSpore), "safetensors" (with `metadata`) or "timm"
-    (a plain state dict; .safetensors when dst ends so, else .pth). The file is written beside dst
-    under a temporary name, reloaded, compared, then renamed over dst (core.files.write_atomically);
-    on any error the temporary file is removed and dst is untouched. An existing dst is refused
-    unless `force`.
+    fmt: "pth", "ckpt" or "safetensors" ("timm" is "pth"). layout / arch: recorded in the file
+    (pth: {"model": tensors, "layout", "arch"}, except the timm layouts, a plain state dict that
+    timm loads strictly; safetensors: metadata strings "layout", "arch" (JSON) beside `metadata`;
+    ckpt: `meta.layout`, `meta.arch` strings). The file is written beside dst under a temporary
+    name, reloaded, compared, then renamed over dst (core.files.write_atomically); on any error the
+    temporary file is removed and dst is untouched. An existing dst is refused unless `force`.
     """
-    if fmt not in FORMATS:
-        raise ConvertError(f"unknown output format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    plain = layout in ("timm-vit", "timm-swin") or fmt == "timm"
+    fmt = "pth" if fmt == "timm" else fmt
+    if fmt not in layouts.FORMATS:
+        raise ConvertError(f"unknown output format {fmt!r}; expected one of {', '.join(layouts.FORMATS)}")
     if os.path.exists(dst) and not force:
         raise ConvertError(f"{dst}: already exists; pass --force to overwrite it")
     folder = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(folder):
         raise ConvertError(f"{dst}: the folder {folder} does not exist")
     state = {k: np.ascontiguousarray(v) for k, v in state.items()}
-    timm_st = fmt == "timm" and dst.lower().endswith(".safetensors")
-    suffix = {"pth": ".pth", "ckpt": ".ckpt", "safetensors": ".safetensors",
-              "timm": ".safetensors" if timm_st else ".pth"}[fmt]
-    if fmt == "pth" or (fmt == "timm" and not timm_st):
-        write, reader = (lambda tmp: _write_torch(tmp, state, wrap=fmt == "pth")), _read_torch
+    strings = dict(metadata)
+    if layout is not None:
+        strings["layout"] = layout
+    if arch is not None:
+        strings["arch"] = json.dumps(arch, sort_keys=True)
+    if fmt == "pth":
+        header = None if plain else {**({"layout": layout} if layout else {}), **({"arch": arch} if arch else {})}
+        write, reader = (lambda tmp: _write_torch(tmp, state, header)), _read_torch
     elif fmt == "ckpt":
-        write, reader = (lambda tmp: _write_mindspore(tmp, state)), _read_mindspore
+        write, reader = (lambda tmp: _write_mindspore(tmp, state, strings)), _read_mindspore
     else:
-        write, reader = (lambda tmp: _write_safetensors(tmp, state, metadata)), _read_safetensors
+        write, reader = (lambda tmp: _write_safetensors(tmp, state, strings)), _read_safetensors
 
     def write_verified(tmp: str) -> None:
         write(tmp)
         _verify(tmp, reader, state, dst)  # raising here leaves dst untouched
 
-    write_atomically(dst, write_verified, suffix=suffix)
+    write_atomically(dst, write_verified, suffix="." + fmt)
 
 
 # ----------------------------------------------------------------------------------------------
-# --check: run both sides on the same image and mask
+# --check: run both sides on the same images and masks
+
+_OURS_VIT = ("localmim-vit", "localmim-vit-encoder", "official-localmim-vit")
 
 
-def _check_image(image: Optional[str], spec: ViTSpec) -> np.ndarray:
-    """(1, 3, S, S) float32 ImageNet-normalised: the given image resized, or a fixed synthetic one."""
+def _check_images(image: Optional[str], spec) -> np.ndarray:
+    """(2, 3, S, S) float32 ImageNet-normalised: the given image resized (and its mirror), or two
+    fixed synthetic images."""
     size = spec.img_size
     if image is None:
         y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -256,7 +406,13 @@ def _check_image(image: Optional[str], spec: ViTSpec) -> np.ndarray:
             raise ConvertError(f"{image}: not a readable image ({_first_line(exc)})") from None
     mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
     std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
-    return ((rgb - mean) / std).astype(np.float32)[None]
+    one = ((rgb - mean) / std).astype(np.float32)
+    return np.stack([one, one[:, :, ::-1]], 0).copy()
+
+
+def _check_image(image: Optional[str], spec) -> np.ndarray:
+    """The first of `_check_images`: (1, 3, S, S)."""
+    return _check_images(image, spec)[:1]
 
 
 def _timm_features(state: Dict[str, np.ndarray], spec: ViTSpec, imgs: np.ndarray, ids_keep: np.ndarray) -> np.ndarray:
@@ -311,38 +467,39 @@ def _backend_run(backend: str, state: Dict[str, np.ndarray], spec, imgs: np.ndar
 def check_models(src_state: Dict[str, np.ndarray], src_layout: str, dst_path: str, dst_fmt: str,
                  spec, image: Optional[str] = None,
                  dst_layout: Optional[str] = None) -> Tuple[float, Optional[float]]:
-    """Run the source weights and the written file on one image and one core mask.
+    """Run the source weights and the written file on two images and one core mask each.
 
-    Swin (`spec` a SwinSpec): both sides are mapped to the canonical state (official merge order
-    permuted) and run in our LocalMIMSwin (MindSpore for a .ckpt destination, torch otherwise) on a
-    core plan of the 0.75 cell mask from mask_rng(0, 0, 0, 0); `dst_layout` names the written layout.
-
-    Source: our torch model for LocalMIM layouts, a timm ViT for MAE / timm layouts (decoder and head
-    keys dropped). Destination: a timm ViT for timm output, our MindSpore model for .ckpt, our torch
-    model otherwise. Returns (max abs difference of the last tap's features, loss difference or None).
+    Source: our torch model for LocalMIM layouts, a timm ViT for MAE / timm ViT layouts (decoder
+    and head keys dropped). Destination: a timm ViT for the timm / MAE ViT layouts, our MindSpore
+    model for .ckpt, our torch model otherwise. Swin (`spec` a SwinSpec): both sides mapped to the
+    canonical state and run in LocalMIMSwin on a core plan of the 0.75 cell mask from
+    mask_rng(0, 0, 0, 0). Returns (max abs difference of the compared features, loss difference
+    or None when a side has no decoders).
     """
+    dst_layout = dst_layout or layouts.detect_layout(read_state(dst_path)[0])
     try:
         if isinstance(spec, SwinSpec):
             return _check_swin(src_state, src_layout, dst_path, dst_layout, dst_fmt, spec, image)
-        return _check_models(src_state, src_layout, dst_path, dst_fmt, spec, image)
+        return _check_vit(src_state, src_layout, dst_path, dst_layout, dst_fmt, spec, image)
     except ImportError as exc:
         raise ConvertError(f"--check cannot run: {_first_line(exc)}") from None
 
 
-def _check_models(src_state, src_layout, dst_path, dst_fmt, spec, image):
+def _check_vit(src_state, src_layout, dst_path, dst_layout, dst_fmt, spec, image):
     from localmim.core.masking import mask_rng, vit_mask
-    imgs = _check_image(image, spec)
-    mask = vit_mask(mask_rng(0, 0, 0, 0), 1, spec.num_patches, 0.75)
-    if src_layout in ("localmim", "localmim-encoder"):
+    imgs = _check_images(image, spec)
+    mask = vit_mask(mask_rng(0, 0, 0, 0), imgs.shape[0], spec.num_patches, 0.75)
+    if src_layout in _OURS_VIT:
         src_taps, src_loss = _backend_run("torch", src_state, spec, imgs, mask.as_dict())
     else:
         src_taps, src_loss = [_timm_features(keymaps.mae_encoder_part(src_state), spec, imgs, mask.ids_keep)], None
     dst_state, _ = read_state(dst_path)
-    if dst_fmt == "timm":
-        dst_taps, dst_loss = [_timm_features(dst_state, spec, imgs, mask.ids_keep)], None
+    if dst_layout not in _OURS_VIT:
+        dst_taps, dst_loss = [_timm_features(keymaps.mae_encoder_part(dst_state), spec, imgs, mask.ids_keep)], None
     else:
+        canon, _ = keymaps.to_canonical(dst_state, dst_layout, spec, dst_path)
         dst_taps, dst_loss = _backend_run("mindspore" if dst_fmt == "ckpt" else "torch",
-                                          dst_state, spec, imgs, mask.as_dict())
+                                          canon, spec, imgs, mask.as_dict())
     n = min(len(src_taps), len(dst_taps))
     feat = max(float(np.max(np.abs(a - b))) for a, b in zip(src_taps[-n:], dst_taps[-n:]))
     loss = abs(src_loss - dst_loss) if src_loss is not None and dst_loss is not None else None
@@ -352,11 +509,11 @@ def _check_models(src_state, src_layout, dst_path, dst_fmt, spec, image):
 def _check_swin(src_state, src_layout, dst_path, dst_layout, dst_fmt, spec, image):
     from localmim.core.masking import mask_rng, swin_cell_mask
     from localmim.core.swin_plan import build_swin_plan
-    imgs = _check_image(image, spec)
+    imgs = _check_images(image, spec)
     plan = build_swin_plan(spec, swin_cell_mask(mask_rng(0, 0, 0, 0), spec.mask_grid, 0.75))
     src = keymaps.swin_to_canonical(src_state, src_layout, spec, "source")
     dst_state, _ = read_state(dst_path)
-    dst = keymaps.swin_to_canonical(dst_state, dst_layout or layouts.detect_layout(dst_state), spec, dst_path)
+    dst = keymaps.swin_to_canonical(dst_state, dst_layout, spec, dst_path)
     src_lat, src_loss = _backend_run("torch", src, spec, imgs, plan.to_arrays())
     dst_lat, dst_loss = _backend_run("mindspore" if dst_fmt == "ckpt" else "torch", dst, spec, imgs, plan.to_arrays())
     both_full = src_loss is not None and dst_loss is not None
@@ -369,70 +526,140 @@ def _check_swin(src_state, src_layout, dst_path, dst_layout, dst_fmt, spec, imag
 # command line
 
 
+class _ListLayouts(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(layouts.layout_table())
+        print("\nEvery layout reads from .pth/.pt/.bin, .ckpt and .safetensors; --to timm is --layout "
+              "timm-vit / timm-swin.")
+        parser.exit(0)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("src", metavar="SRC", help="weights to read (.pth/.pt/.bin, .ckpt, .safetensors)")
-    parser.add_argument("dst", metavar="DST", help="file to write")
-    parser.add_argument("--from", dest="src_layout", choices=layouts.LAYOUTS, default=None,
-                        help="source layout (default: detected from the keys)")
+    names = ", ".join(layouts.LAYOUTS)
+    parser.add_argument("src", metavar="SRC", nargs="?", help="weights to read (.pth/.pt/.bin, .ckpt, .safetensors)")
+    parser.add_argument("dst", metavar="DST", nargs="?", help="file to write")
+    parser.add_argument("--list-layouts", action=_ListLayouts, help="list the layouts (read / write) and exit")
+    parser.add_argument("--from", dest="src_layout", metavar="LAYOUT", default=None,
+                        help=f"source layout (default: recorded in the file, else detected from the keys): {names}")
+    parser.add_argument("--layout", dest="dst_layout", metavar="LAYOUT", default=None,
+                        help="layout to write (default: this package's, or its encoder part when the source "
+                             "has no decoders); see --list-layouts")
     parser.add_argument("--to", dest="fmt", choices=FORMATS, default=None,
-                        help="output format (default: from DST's extension); timm writes a timm ViT encoder")
-    parser.add_argument("--layout", dest="dst_layout", choices=layouts.LAYOUTS, default=None,
-                        help="layout to write (default: ours, or its encoder part); e.g. "
-                             "official-localmim-swin or swin-encoder for Swin")
+                        help="output format (default: from DST's extension); timm = --layout timm-vit/timm-swin")
     parser.add_argument("--model", default=None,
-                        help="model spec name (default: detected from the shapes)")
+                        help="registered model name (default: matched from the shapes, else inferred)")
+    parser.add_argument("--arch", dest="arch", action="append", default=[], metavar="KEY=VALUE",
+                        help="architecture the shapes cannot tell, e.g. num_heads=3, decoder_heads=4, "
+                             "taps=[1,3,5,7], img_size=224 (a Swin encoder's); repeatable")
+    parser.add_argument("--arch-file", default=None, metavar="FILE",
+                        help="YAML/JSON file of the same keys, or a pretraining config (its model)")
+    parser.add_argument("--img-size", type=int, default=None, metavar="N",
+                        help="resample position tables for N-px images")
+    parser.add_argument("--window", type=int, default=None, metavar="W",
+                        help="Swin: resample relative-position tables for a W x W window")
     parser.add_argument("--check", nargs="?", const="", default=None, metavar="IMAGE",
-                        help="run source and destination models on IMAGE (or a synthetic image) and "
+                        help="run source and destination models on IMAGE (or synthetic images) and "
                              "print the largest feature difference")
     parser.add_argument("--force", action="store_true", help="overwrite an existing DST")
     return parser
 
 
-def _dst_layout(fmt: str, src_layout: str, state=None, requested: Optional[str] = None) -> str:
+def parse_arch_options(options: List[str], arch_file: Optional[str] = None) -> Dict[str, object]:
+    """`--arch-file` then `--arch KEY=VALUE` options (values parsed as YAML) -> an arch dict."""
+    import yaml
+    out: Dict[str, object] = {}
+    if arch_file:
+        try:
+            with open(arch_file, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConvertError(f"{arch_file}: not a readable YAML/JSON file ({_first_line(exc)})") from None
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            from localmim.core import config as core_config
+            try:
+                data = spec_to_arch(core_config.load_config(arch_file).build_spec())
+            except (core_config.ConfigError, SpecError) as exc:
+                raise ConvertError(f"{arch_file}: {_first_line(exc)}") from None
+        if not isinstance(data, dict):
+            raise ConvertError(f"{arch_file}: expected a mapping of architecture keys")
+        out.update(data)
+    for option in options:
+        key, sep, text = option.partition("=")
+        if not sep or not key:
+            raise ConvertError(f"--arch {option!r}: expected KEY=VALUE, e.g. --arch num_heads=3")
+        try:
+            out[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConvertError(f"--arch {option!r}: the value is not valid YAML") from None
+    known = set(ARCH_KEYS["vit"]) | set(ARCH_KEYS["swin"]) | {"family"}
+    unknown = sorted(k for k in out if k not in known)
+    if unknown:
+        raise ConvertError(f"unknown architecture key(s) {', '.join(unknown)}; known: {', '.join(sorted(known - {'family'}))}")
+    return out
+
+
+def _dst_layout(fmt_option: Optional[str], src_layout: str, state, requested: Optional[str], fmt: str) -> str:
     """The layout to write: --layout when given, else timm for --to timm, else ours (the encoder
-    part only when the source has no decoders)."""
-    swin = src_layout in layouts.SWIN_LAYOUTS
-    if fmt == "timm":
-        if requested not in (None, "timm-swin" if swin else "timm-vit"):
-            raise ConvertError(f"--to timm writes the {'timm-swin' if swin else 'timm-vit'} layout, not {requested!r}")
-        return "timm-swin" if swin else "timm-vit"
+    part only when the source has no decoders); checked against the family and the format."""
+    family = layouts.LAYOUT_INFO[src_layout].family
+    timm = "timm-swin" if family == "swin" else "timm-vit"
     if requested is not None:
-        if requested in ("timm-swin", "timm-vit"):
-            raise ConvertError(f"--layout {requested} needs --to timm")
-        if (requested in layouts.SWIN_LAYOUTS) != swin:
-            raise ConvertError(f"--layout {requested} does not fit a {'Swin' if swin else 'ViT'} source ({src_layout})")
-        return requested
-    if swin:
-        full = src_layout in ("localmim-swin", "official-localmim-swin") and any(
-            k.startswith("decoder.") for k in (state or {}))
-        return "localmim-swin" if full else "swin-encoder"
-    return "localmim" if src_layout == "localmim" else "localmim-encoder"
+        layouts.check_layout_name(requested, "destination layout")
+    if fmt_option == "timm":
+        if requested not in (None, timm):
+            raise ConvertError(f"--to timm writes the {timm} layout, not {requested!r}")
+        requested = timm
+    if requested is None:
+        has_heads = any(k.startswith("decoder.") for k in state)
+        requested = f"localmim-{family}" + ("" if has_heads and src_layout.startswith(("localmim", "official"))
+                                            else "-encoder")
+    info = layouts.LAYOUT_INFO[requested]
+    if info.family != family:
+        raise ConvertError(f"--layout {requested} does not fit a {'Swin' if family == 'swin' else 'ViT'} "
+                           f"source ({src_layout})")
+    if fmt not in info.writes:
+        raise ConvertError(f"the {requested} layout is written as {' or '.join('.' + f for f in info.writes)}, "
+                           f"not .{fmt}")
+    return requested
+
+
+def _require_paths(args) -> None:
+    if not args.src or not args.dst:
+        raise ConvertError("SRC and DST are required (or --list-layouts)")
 
 
 def _convert(args) -> int:
+    _require_paths(args)
     src, dst = args.src, args.dst
+    for name, role in ((args.src_layout, "source layout"), (args.dst_layout, "destination layout")):
+        if name is not None:
+            layouts.check_layout_name(name, role)
     fmt = output_format(dst, args.fmt)
     if os.path.exists(dst) and not args.force:
         raise ConvertError(f"{dst}: already exists; pass --force to overwrite it")
+    arch = parse_arch_options(list(getattr(args, "arch", []) or []), getattr(args, "arch_file", None))
     state, meta = read_state(src)
-    layout = args.src_layout or layouts.detect_layout(state)
-    family = layouts.detect_family(state)
-    if (layout in layouts.SWIN_LAYOUTS) != (family == "swin"):
-        raise ConvertError(f"{src}: --from {layout} does not fit its keys, which are "
-                           f"{'Swin' if family == 'swin' else 'ViT'} keys")
-    infer = layouts.infer_swin_spec if family == "swin" else layouts.infer_vit_spec
-    spec, spec_notes = infer(state, layout, what=src, name=args.model)
-    spec_notes = [spec_notes[0] + (" (given)" if args.model else " (detected from shapes)")]
-    out_layout = _dst_layout(fmt, layout, state, getattr(args, "dst_layout", None))
-    out, notes = keymaps.convert_state(state, layout, out_layout, spec, what=src)
+    layout, spec, spec_notes = resolve_source(state, meta, src, layout=args.src_layout, name=args.model, arch=arch)
+    target = _target_spec(spec, getattr(args, "img_size", None), getattr(args, "window", None), src)
+    out_layout = _dst_layout(args.fmt, layout, state, args.dst_layout, fmt)
+    out, notes = keymaps.convert_state(state, layout, out_layout, spec, what=src, dst_spec=target)
     print(f"source {src}: layout {layout}, {len(state)} keys")
-    for line in spec_notes + notes:
+    for line in spec_notes[1:] + notes:
         print(f"  {line}")
-    write_state(dst, out, fmt, {"layout": out_layout, "model": spec.name, "source_layout": layout},
-                force=args.force)
+    write_state(dst, out, fmt, {"model": target.name, "source_layout": layout}, force=args.force,
+                layout=out_layout, arch=spec_to_arch(target))
     print(f"wrote {dst}: {fmt}, layout {out_layout}, {len(out)} keys, verified")
     if args.check is not None:
-        feat, loss = check_models(state, layout, dst, fmt, spec, args.check or None, dst_layout=out_layout)
+        if target != spec:  # the resampled canonical state is the reference the file must reproduce
+            canon, _ = keymaps.to_canonical(state, layout, spec, src)
+            from localmim.core.resample import resample_state
+            ref, ref_layout = resample_state(canon, spec, target)[0], f"localmim-{target.family}"
+        else:
+            ref, ref_layout = state, layout
+        feat, loss = check_models(ref, ref_layout, dst, fmt, target, args.check or None, dst_layout=out_layout)
         print(f"check: encoder features max abs diff {feat:.3e}")
         if loss is not None:
             print(f"check: loss abs diff {loss:.3e}")
@@ -447,7 +674,7 @@ def run(args) -> int:
     try:
         return _convert(args)
     except (ConvertError, StateError, SpecError) as exc:
-        print(f"localmim convert: error: {exc}", file=sys.stderr)
+        print(f"localmim convert: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

@@ -1,7 +1,7 @@
 """Inference helpers: rebuild a pretrained model from a checkpoint and look at its reconstructions."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from localmim.backends.torch import build_model
 from localmim.backends.torch.swin import plan_tensors
 from localmim.core.swin_plan import SwinPlan, build_swin_plan
 
-__all__ = ["load_model", "reconstruct"]
+__all__ = ["load_model", "load_pretrained", "reconstruct"]
 
 
 def load_model(checkpoint_path: str, device="cpu") -> Tuple[torch.nn.Module, object]:
@@ -27,6 +27,29 @@ def load_model(checkpoint_path: str, device="cpu") -> Tuple[torch.nn.Module, obj
     ckpt.check_model_state(checkpoint_path, payload["model"], model.state_shapes())
     model.load_state_dict(payload["model"])
     return model.to(device).eval(), spec
+
+
+def load_pretrained(path: str, layout: Optional[str] = None, **arch) -> torch.nn.Module:
+    """A LocalMIM model (`model.spec` its spec, eval mode, on the CPU) with the weights of any
+    readable file and layout (core.layouts.LAYOUTS: this package's .pth / .ckpt / .safetensors,
+    official LocalMIM ViT and Swin, MAE, timm ViT and Swin, Swin encoders).
+
+    layout: the file's layout (default: recorded in the file, else detected from the keys).
+    arch: core.specs.ARCH_KEYS values for what the shapes cannot tell (num_heads, decoder_heads,
+    taps, ...; a file written by `localmim convert` records them). img_size / window_size are the
+    geometry wanted: position tables (and Swin relative tables) are resampled when the file has
+    another (core.resample). Every tensor of the file must fit the model (strict about names and
+    shapes); an encoder file leaves the decoders, target convs and absent branch norms as freshly
+    initialised. The file is read with the safe readers of localmim.tools.convert (no pickled
+    code runs). Raises ConvertError / StateError (ValueErrors) naming the file and the keys.
+    """
+    from localmim.tools.convert import read_pretrained
+    spec, canon, _ = read_pretrained(path, layout, **arch)
+    model = build_model(spec)
+    state = model.export_state()
+    state.update(canon)
+    model.import_state(state)
+    return model.eval()
 
 
 def _as_tensor(x, dtype, device) -> torch.Tensor:

@@ -75,45 +75,46 @@ def test_to_timm_requires_last_tap_on_last_block():
 
 def test_convert_state_localmim_to_encoder_and_timm():
     canon = rand_state(S.vit_canonical_shapes(TINY), seed=3)
-    enc, notes = K.convert_state(canon, "localmim", "localmim-encoder", TINY)
+    enc, notes = K.convert_state(canon, "localmim-vit", "localmim-vit-encoder", TINY)
     assert set(enc) == set(S.vit_encoder_shapes(TINY))
     assert any("dropped" in n for n in notes)
-    full, notes = K.convert_state(canon, "localmim", "localmim", TINY)
+    full, notes = K.convert_state(canon, "localmim-vit", "localmim-vit", TINY)
     assert full.keys() == canon.keys() and notes == ["HOG target: 9 bins, no Sobel bias"]
-    timm, _ = K.convert_state(canon, "localmim", "timm-vit", TINY)
+    timm, _ = K.convert_state(canon, "localmim-vit", "timm-vit", TINY)
     np.testing.assert_array_equal(timm["norm.weight"], canon["norm.3.weight"])
 
 
 def test_convert_state_mae_to_encoder_initialises_branch_norms(mae_shapes):
     src = rand_state(mae_shapes(TINY), seed=4)
-    enc, notes = K.convert_state(src, "mae", "localmim-encoder", TINY)
+    enc, notes = K.convert_state(src, "mae", "localmim-vit-encoder", TINY)
     np.testing.assert_array_equal(enc["norm.0.weight"], np.ones(32, np.float32))
     np.testing.assert_array_equal(enc["norm.2.bias"], np.zeros(32, np.float32))
     np.testing.assert_array_equal(enc["norm.3.weight"], src["norm.weight"])
     assert "newly initialised" in notes[0] and "norm.0.weight" in notes[0]
-    with pytest.raises(StateError, match=r"cannot fill a full LocalMIM state.*missing key\(s\)"):
-        K.convert_state(src, "mae", "localmim", TINY)
+    with pytest.raises(StateError, match=r"cannot fill a full localmim-vit state.*missing key\(s\).*"
+                                         r"write the encoder layout localmim-vit-encoder instead"):
+        K.convert_state(src, "mae", "localmim-vit", TINY)
 
 
 def test_convert_state_errors_for_wrong_model_and_unknown_layout():
     base = get_spec("vit_demo")
     with pytest.raises(StateError, match=r"wrong shape: .*blocks.0.attn.qkv.weight expected \(576, 192\) found \(96, 32\)"):
-        K.convert_state(rand_state(S.vit_canonical_shapes(TINY)), "localmim", "localmim", base)
+        K.convert_state(rand_state(S.vit_canonical_shapes(TINY)), "localmim-vit", "localmim-vit", base)
     with pytest.raises(StateError, match="unknown source layout 'caffe'"):
-        K.convert_state({}, "caffe", "localmim", TINY)
+        K.convert_state({}, "caffe", "localmim-vit", TINY)
 
 
 def test_official_hog_bias_mismatch_is_reported():
     with_bias = TINY.with_(target=TargetSpec(kind="hog", nbins=9, hog_bias=True))
     state = rand_state(S.vit_canonical_shapes(with_bias))
     with pytest.raises(StateError, match=r"unexpected key\(s\): hog_enc.0.conv.bias"):
-        K.convert_state(state, "localmim", "localmim", TINY)
+        K.convert_state(state, "localmim-vit", "localmim-vit", TINY)
 
 
 def test_absent_hog_kernels_are_refilled_but_absent_bias_is_an_error():
     canon = rand_state(S.vit_canonical_shapes(TINY), seed=5)
     stripped = {k: v for k, v in canon.items() if not k.startswith("hog_enc.")}
-    full, notes = K.convert_state(stripped, "localmim", "localmim", TINY)
+    full, notes = K.convert_state(stripped, "localmim-vit", "localmim-vit", TINY)
     sobel = np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], np.float32)
     np.testing.assert_array_equal(full["hog_enc.2.conv.weight"][0, 0], sobel)
     np.testing.assert_array_equal(full["hog_enc.2.conv.weight"][1, 0], sobel.T)
@@ -121,7 +122,7 @@ def test_absent_hog_kernels_are_refilled_but_absent_bias_is_an_error():
     biased = TINY.with_(target=TargetSpec(kind="hog", nbins=9, hog_bias=True))
     state = {k: v for k, v in rand_state(S.vit_canonical_shapes(biased)).items() if not k.endswith("conv.bias")}
     with pytest.raises(StateError, match=r"4 missing key\(s\): hog_enc.0.conv.bias"):
-        K.convert_state(state, "localmim", "localmim", biased)
+        K.convert_state(state, "localmim-vit", "localmim-vit", biased)
 
 
 # ---------------------------------------------------------------- Swin
@@ -204,8 +205,24 @@ def test_swin_official_bad_index_and_stray_index_name_keys():
     official[key] = official[key][:4, :4]
     with pytest.raises(StateError, match=key.replace(".", r"\.")):
         K.convert_swin_state(official, "official-localmim-swin", "localmim-swin", SWIN)
-    with pytest.raises(StateError, match="official-localmim-swin"):
-        K.convert_swin_state(K.to_official_swin(swin_state(), SWIN), "localmim-swin", "localmim-swin", SWIN)
+
+
+def test_swin_order_file_with_index_buffers_reads_as_ours_unpermuted():
+    """A file in Swin merge order that still carries relative_position_index buffers (read as
+    localmim-swin): the buffers are checked and dropped, the merges are left as they are."""
+    ours = swin_state()
+    with_buffers = dict(ours)
+    for s in range(SWIN.num_stages):
+        for b in range(SWIN.depths[s]):
+            with_buffers[f"encoder.layers.{s}.blocks.{b}.attn.relative_position_index"] = \
+                K.swin_relative_position_index(SWIN.stage_window(s))
+    back, notes = K.convert_state(with_buffers, "localmim-swin", "localmim-swin", SWIN)
+    assert set(back) == set(ours) and all(np.array_equal(back[k], ours[k]) for k in ours)
+    assert not any("permuted" in n for n in notes)
+    key = "encoder.layers.3.blocks.0.attn.relative_position_index"
+    with_buffers[key] = with_buffers[key][::-1].copy()
+    with pytest.raises(StateError, match=key.replace(".", r"\.") + r".*not Swin's relative position index"):
+        K.convert_state(with_buffers, "localmim-swin", "localmim-swin", SWIN)
 
 
 def test_swin_missing_and_misshaped_keys_are_named():
@@ -240,3 +257,82 @@ def test_swin_encoder_and_timm_exports_and_back():
         assert all(np.array_equal(canon[k], ours[k]) for k in canon)
         with pytest.raises(StateError, match="missing"):
             K.convert_swin_state(state, layout, "localmim-swin", SWIN)
+
+
+# ---------------------------------------------------------------- reading and writing any layout
+
+def test_to_canonical_needs_a_whole_encoder_and_all_or_no_decoders():
+    canon = rand_state(S.vit_canonical_shapes(TINY), seed=6)
+    enc_only = {k: v for k, v in canon.items() if k in S.vit_encoder_shapes(TINY)}
+    back, notes = K.to_canonical(enc_only, "localmim-vit-encoder", TINY)
+    assert back.keys() == enc_only.keys() and notes == []
+    partial = dict(canon)
+    del partial["decoder.2.norm.bias"], partial["blocks.1.norm1.weight"]
+    with pytest.raises(StateError, match=r"2 missing key\(s\): blocks.1.norm1.weight, decoder.2.norm.bias"):
+        K.to_canonical(partial, "localmim-vit", TINY)
+    no_norm = {k: v for k, v in enc_only.items() if k != "norm.1.bias"}
+    with pytest.raises(StateError, match=r"missing key\(s\): norm.1.bias"):  # ours always has its branch norms
+        K.to_canonical(no_norm, "localmim-vit-encoder", TINY)
+
+
+def test_swin_encoder_layout_of_ours_initialises_missing_branch_norms():
+    ours = swin_state(seed=7)
+    std, _ = K.convert_state(ours, "localmim-swin", "swin-encoder", SWIN)
+    enc, notes = K.convert_state(std, "swin-encoder", "localmim-swin-encoder", SWIN)
+    assert set(enc) == set(S.swin_encoder_shapes(SWIN))
+    np.testing.assert_array_equal(enc["encoder.norm.3.weight"], ours["encoder.norm.3.weight"])
+    np.testing.assert_array_equal(enc["encoder.norm.0.weight"], np.ones(32, np.float32))  # stage-1 width
+    assert "newly initialised (weight 1, bias 0): encoder.norm.0.bias" in notes[0]
+    with pytest.raises(StateError, match="write the encoder layout localmim-swin-encoder instead"):
+        K.convert_state(std, "swin-encoder", "official-localmim-swin", SWIN)
+
+
+def mae_full_shapes(spec, dd=16, depth=2, hidden=64):
+    """The whole MAE key list (models_mae.MaskedAutoencoderViT), written out independently."""
+    d, p, n = spec.embed_dim, spec.patch_size, spec.num_patches
+    out = dict(S.vit_encoder_shapes(spec, branch_norms=False))
+    out.update({"norm.weight": (d,), "norm.bias": (d,), "mask_token": (1, 1, dd), "decoder_embed.weight": (dd, d),
+                "decoder_embed.bias": (dd,), "decoder_pos_embed": (1, 1 + n, dd), "decoder_norm.weight": (dd,),
+                "decoder_norm.bias": (dd,), "decoder_pred.weight": (p * p * 3, dd), "decoder_pred.bias": (p * p * 3,)})
+    for j in range(depth):
+        b = f"decoder_blocks.{j}"
+        out.update({f"{b}.norm1.weight": (dd,), f"{b}.norm1.bias": (dd,), f"{b}.attn.qkv.weight": (3 * dd, dd),
+                    f"{b}.attn.qkv.bias": (3 * dd,), f"{b}.attn.proj.weight": (dd, dd), f"{b}.attn.proj.bias": (dd,),
+                    f"{b}.norm2.weight": (dd,), f"{b}.norm2.bias": (dd,), f"{b}.mlp.fc1.weight": (hidden, dd),
+                    f"{b}.mlp.fc1.bias": (hidden,), f"{b}.mlp.fc2.weight": (dd, hidden), f"{b}.mlp.fc2.bias": (dd,)})
+    return out
+
+
+def test_mae_layout_carries_the_mae_decoder_and_checks_it():
+    src = rand_state(mae_full_shapes(TINY), seed=8)
+    out, _ = K.convert_state(src, "mae", "mae", TINY)
+    assert out.keys() == src.keys() and all(np.array_equal(out[k], src[k]) for k in src)
+    enc, _ = K.convert_state(src, "mae", "mae-encoder", TINY)
+    assert set(enc) == set(mae_full_shapes(TINY)) - set(K.mae_decoder_part(src))
+    broken = dict(src)
+    del broken["decoder_blocks.1.mlp.fc2.bias"]
+    with pytest.raises(StateError, match=r"MAE decoder\) does not fit the model: 1 missing key\(s\): "
+                                         r"decoder_blocks.1.mlp.fc2.bias"):
+        K.convert_state(broken, "mae", "mae", TINY)
+    with pytest.raises(StateError, match="has no MAE decoder.*write 'mae-encoder' instead"):
+        K.convert_state(rand_state(S.vit_canonical_shapes(TINY)), "localmim-vit", "mae", TINY)
+    big = TINY.with_(img_size=48)
+    out, notes = K.convert_state(src, "mae", "mae", TINY, dst_spec=big)
+    assert out["decoder_pos_embed"].shape == (1, 37, 16) and out["pos_embed"].shape == (1, 37, 32)
+    assert any(n.startswith("decoder_pos_embed: grid -> 6 (bicubic)") for n in notes)
+
+
+def test_standard_swin_file_with_buffers_and_head_reads():
+    """A Microsoft Swin checkpoint keeps relative_position_index / attn_mask buffers and a head."""
+    ours = swin_state(seed=9)
+    std, _ = K.convert_state(ours, "localmim-swin", "swin-encoder", SWIN)
+    full = dict(std, **{"head.weight": np.zeros((10, 128), np.float32), "head.bias": np.zeros(10, np.float32),
+                        "layers.0.blocks.1.attn_mask": np.zeros((64, 16, 16), np.float32)})
+    for s in range(SWIN.num_stages):
+        for b in range(SWIN.depths[s]):
+            full[f"layers.{s}.blocks.{b}.attn.relative_position_index"] = \
+                K.swin_relative_position_index(SWIN.stage_window(s))
+    assert L.detect_layout(full) == "swin-encoder"
+    canon, _ = K.to_canonical(full, "swin-encoder", SWIN)
+    assert set(canon) == set(K.swin_to_canonical(std, "swin-encoder", SWIN))
+    assert all(np.array_equal(canon[k], ours[k]) for k in canon)
