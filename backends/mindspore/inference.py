@@ -42,11 +42,11 @@ def load_pretrained(path: str, layout: Optional[str] = None, **arch):
     geometry wanted: position tables (and Swin relative tables) are resampled when the file has
     another (core.resample). Every tensor of the file must fit the model (strict about names and
     shapes); an encoder file leaves the decoders, target convs and absent branch norms as freshly
-    initialised. The file is read with the safe readers of localmim.tools.convert (no pickled
+    initialised. The file is read with the safe readers of localmim.backends.weights (no pickled
     code runs; a .pth needs torch). Raises ConvertError / StateError (ValueErrors) naming the
     file and the keys.
     """
-    from localmim.tools.convert import read_pretrained
+    from localmim.backends.weights import read_pretrained
     spec, canon, _ = read_pretrained(path, layout, **arch)
     model = build_model(spec)
     state = model.export_state()
