@@ -6,13 +6,20 @@ The backends' fast versions are tested against these. Conventions:
 - token sequences: (B, L, C) in raster order of their grid;
 - masks: 1 = masked (counted by the loss), 0 = visible.
 
-HOG (reference §1.5): per colour channel, a 3x3 gradient filter with reflect padding 1
+HOG (docs/method.md#hog-targets): per colour channel, a 3x3 gradient filter with reflect padding 1
 (cross-correlation: channel 0 = left minus right, channel 1 = top minus bottom), magnitude
-m = sqrt(g0^2 + g1^2), phase theta = atan2(g0, g1), bin = floor(theta / pi * nbins) mod nbins
-(floor-mod, so unsigned orientation over [0, pi)), histogram one_hot(bin) * m, average pooling
-over c x c cells, L2 normalisation over the bins of each colour channel, then
-[R bins | G bins | B bins] per cell. Gradients, magnitude and phase are float32 like the backends,
-so the bin edges fall in the same places.
+m = sqrt(g0^2 + g1^2), orientation bin = floor(atan2(g0, g1) / pi * nbins) mod nbins (floor-mod,
+so unsigned orientation over [0, pi)), histogram one_hot(bin) * m, average pooling over c x c
+cells, L2 normalisation over the bins of each colour channel, then [R bins | G bins | B bins] per
+cell.
+
+The gradients and the bins are defined by exact float32 operations in a fixed order
+(docs/method.md#zero-and-bin-edge-gradients), which the backends repeat operation for operation:
+g0 = (d_top + d_bottom) + 2 d_middle with d = left pixel - right pixel of each of the three rows
+(likewise g1 with columns), so a pixel whose left and right neighbours are equal gets g0 = +0
+exactly and lands in bin 0; the bin is counted with comparisons against a float32 table of edge
+cotangents instead of atan2 and floor, so an angle next to a bin edge lands on the same side in
+every implementation.
 """
 from __future__ import annotations
 
@@ -23,7 +30,8 @@ import numpy as np
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD",
     "scale_masks", "patchify", "unpatchify", "normalize_pixels", "pixel_targets",
-    "sobel_kernel", "sample_hog_bias", "image_gradients", "hog_histogram", "pool_cells",
+    "sobel_kernel", "sample_hog_bias", "image_gradients", "bin_edge_cotangents", "orientation_bins",
+    "hog_histogram", "pool_cells",
     "l2_normalize_cells", "hog_targets", "masked_mse", "localmim_loss",
 ]
 
@@ -34,7 +42,7 @@ _L2_EPS = 1e-12
 
 
 # --------------------------------------------------------------------------------------------
-# per-scale masks (reference §1.6 and §2.9)
+# per-scale masks (docs/method.md#scale-masks, #swin-targets-and-loss)
 
 def scale_factor(s) -> Tuple[str, int]:
     """('up', k) for an integer s >= 1, ('down', k) for s == 1/k with integer k >= 2."""
@@ -79,7 +87,7 @@ def scale_masks(mask: np.ndarray, grid: int, scales: Sequence[float]) -> List[np
 
 
 # --------------------------------------------------------------------------------------------
-# pixel targets (reference §2.8)
+# pixel targets (docs/method.md#pixel-targets)
 
 def patchify(imgs: np.ndarray, p: int) -> np.ndarray:
     """Cut images into p x p patches, MAE order.
@@ -166,7 +174,7 @@ def pixel_targets(imgs: np.ndarray, cells: Sequence[int], norm_pix: bool) -> Lis
 
 
 # --------------------------------------------------------------------------------------------
-# HOG targets (reference §1.5)
+# HOG targets (docs/method.md#hog-targets)
 
 def sobel_kernel() -> np.ndarray:
     """The HOG gradient filter, (2, 1, 3, 3) float32 (PyTorch Conv2d weight layout).
@@ -198,33 +206,85 @@ def _check_images(imgs: np.ndarray) -> np.ndarray:
     return imgs
 
 
+def _sobel_sum(diff: np.ndarray, axis: int) -> np.ndarray:
+    """(first + last) + 2 * middle of three neighbouring differences along `axis`, in float32.
+
+    diff has 2 more entries along `axis` than the result. This order of operations is part of
+    the definition: the doubling is exact, so each output is two correctly rounded additions of
+    fixed operands and comes out bit for bit the same in every IEEE float32 implementation
+    (fused multiply-add included).
+    """
+    n = diff.shape[axis] - 2
+    first, middle, last = (np.take(diff, np.arange(i, i + n), axis=axis) for i in range(3))
+    return (first + last) + np.float32(2.0) * middle
+
+
 def image_gradients(imgs: np.ndarray, bias: Optional[np.ndarray] = None) -> np.ndarray:
-    """Per-channel gradients of the HOG filter.
+    """Per-channel gradients of the HOG filter (`sobel_kernel`), in exact-order float32.
 
     Args:
-        imgs: (B, 3, H, W), any float dtype.
+        imgs: (B, 3, H, W), cast to float32.
         bias: optional (2,) added to channels (g0, g1) (the reference's frozen conv bias).
     Returns:
-        float32 (B, 3, 2, H, W): [:, :, 0] = left minus right, [:, :, 1] = top minus bottom, with
-        reflect padding 1 (edge pixel not repeated) and cross-correlation. Accumulated in float64.
+        float32 (B, 3, 2, H, W) with reflect padding 1 (edge pixel not repeated):
+        [:, :, 0] = left minus right: with d_r = x[r, j-1] - x[r, j+1] for r = i-1, i, i+1,
+        g0 = (d_{i-1} + d_{i+1}) + 2 d_i; [:, :, 1] = top minus bottom, the same with rows and
+        columns swapped; then + bias. Each step is one float32 operation in this order
+        (docs/method.md#zero-and-bin-edge-gradients): equal neighbours give exactly +0.
     """
-    imgs = _check_images(imgs).astype(np.float64)
-    b, c, h, w = imgs.shape
+    imgs = _check_images(imgs).astype(np.float32)
     padded = np.pad(imgs, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
-    kernel = sobel_kernel()[:, 0].astype(np.float64)  # (2, 3, 3)
-    grad = np.zeros((b, c, 2, h, w), dtype=np.float64)
-    for di in range(3):
-        for dj in range(3):
-            window = padded[:, :, di:di + h, dj:dj + w]
-            for o in range(2):
-                if kernel[o, di, dj]:
-                    grad[:, :, o] += kernel[o, di, dj] * window
+    left_minus_right = padded[:, :, :, :-2] - padded[:, :, :, 2:]     # (B, 3, H + 2, W)
+    top_minus_bottom = padded[:, :, :-2, :] - padded[:, :, 2:, :]     # (B, 3, H, W + 2)
+    grad = np.stack([_sobel_sum(left_minus_right, axis=2), _sobel_sum(top_minus_bottom, axis=3)], axis=2)
     if bias is not None:
-        bias = np.asarray(bias, dtype=np.float64)
+        bias = np.asarray(bias, dtype=np.float32)
         if bias.shape != (2,):
             raise ValueError(f"HOG gradient bias must have shape (2,), got {bias.shape}")
-        grad += bias.reshape(1, 1, 2, 1, 1)
-    return grad.astype(np.float32)
+        grad = grad + bias.reshape(1, 1, 2, 1, 1)
+    return grad
+
+
+def bin_edge_cotangents(nbins: int) -> np.ndarray:
+    """cot(k pi / nbins) for the inner bin edges k = 1 .. nbins - 1, float32 (nbins - 1,).
+
+    Rounded once from float64; the table is exactly antisymmetric (entry nbins - k = -entry k),
+    the edge at pi/2 (even nbins) is exactly 0 and the one at pi/4 exactly 1, so edges that
+    integer gradients can hit are represented exactly.
+    """
+    if not isinstance(nbins, (int, np.integer)) or nbins < 1:
+        raise ValueError(f"HOG nbins must be a positive integer, got {nbins!r}")
+    out = np.zeros(nbins - 1, dtype=np.float32)
+    for k in range(1, (nbins + 1) // 2):
+        out[k - 1] = np.float32(1.0 / np.tan(k * np.pi / nbins))
+        out[nbins - k - 1] = -out[k - 1]
+    return out
+
+
+def _flush_subnormal(g: np.ndarray) -> np.ndarray:
+    """g with every |g| < 2^-126 (float32 subnormals) replaced by +0."""
+    return np.where(np.abs(g) < np.finfo(np.float32).tiny, np.float32(0.0), g)
+
+
+def orientation_bins(g0: np.ndarray, g1: np.ndarray, nbins: int) -> np.ndarray:
+    """Unsigned orientation bin of each gradient (g0, g1): int64, same shape, values 0..nbins-1.
+
+    The bin of floor(atan2(g0, g1) / pi * nbins) mod nbins, decided without atan2
+    (docs/method.md#zero-and-bin-edge-gradients): subnormal components (|g| < 2^-126) count as 0,
+    as hardware that flushes subnormals sees them; g0 == 0 (theta = 0 or +-pi, or a zero
+    gradient) is bin 0; otherwise fold (g0, g1) into the upper half-plane, y = |g0| and
+    x = sign(g0) * g1, and count the edges k = 1..nbins-1 with x <= y * cot(k pi / nbins), each
+    product one float32 multiplication by the `bin_edge_cotangents` table. So an angle exactly on
+    an edge belongs to the upper bin, and the result depends on no transcendental function.
+    """
+    g0 = _flush_subnormal(np.asarray(g0, dtype=np.float32))
+    g1 = _flush_subnormal(np.asarray(g1, dtype=np.float32))
+    y = np.abs(g0)
+    x = np.where(g0 < 0, -g1, g1)
+    bins = np.zeros(g0.shape, dtype=np.int64)
+    for cot in bin_edge_cotangents(nbins):
+        bins += x <= y * cot
+    return np.where(g0 == 0, 0, bins)
 
 
 def hog_histogram(grad: np.ndarray, nbins: int) -> np.ndarray:
@@ -234,8 +294,8 @@ def hog_histogram(grad: np.ndarray, nbins: int) -> np.ndarray:
         grad: (B, 3, 2, H, W) from `image_gradients` (cast to float32).
         nbins: orientation bins over [0, pi).
     Returns:
-        float32 (B, 3, nbins, H, W), zero except the magnitude at each pixel's bin, with
-        m = sqrt(g0^2 + g1^2), theta = atan2(g0, g1), bin = floor(theta / pi * nbins) mod nbins.
+        float32 (B, 3, nbins, H, W), zero except the magnitude m = sqrt(g0^2 + g1^2) at each
+        pixel's `orientation_bins` bin.
     """
     grad = np.asarray(grad, dtype=np.float32)
     if grad.ndim != 5 or grad.shape[2] != 2:
@@ -244,8 +304,7 @@ def hog_histogram(grad: np.ndarray, nbins: int) -> np.ndarray:
         raise ValueError(f"HOG nbins must be a positive integer, got {nbins!r}")
     g0, g1 = grad[:, :, 0], grad[:, :, 1]
     mag = np.sqrt(g0 * g0 + g1 * g1)
-    theta = np.arctan2(g0, g1)
-    bins = np.mod(np.floor(theta / np.float32(np.pi) * np.float32(nbins)).astype(np.int64), nbins)
+    bins = orientation_bins(g0, g1, nbins)
     onehot = bins[:, :, None, :, :] == np.arange(nbins).reshape(1, 1, nbins, 1, 1)
     return (onehot * mag[:, :, None, :, :]).astype(np.float32)
 
@@ -317,7 +376,7 @@ def hog_targets(imgs: np.ndarray, cells: Sequence[int], nbins: int,
 
 
 # --------------------------------------------------------------------------------------------
-# loss (reference §1.7)
+# loss (docs/method.md#loss)
 
 def masked_mse(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
     """sum_{b,i} mask * mean_c (pred - target)^2 / sum_{b,i} mask, in float64.

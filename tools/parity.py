@@ -1,11 +1,16 @@
 """`localmim parity`: compare the PyTorch and MindSpore backends quantity by quantity.
 
 For the same canonical weights, images and core masks (float32, CPU) it measures the worst
-relative error of every quantity the parity contract names (docs/internals.md, DESIGN.md):
+relative error of every quantity the parity contract names (docs/method.md#parity-contract):
 encoder taps, per-branch predictions, targets, per-branch and total loss, the gradient of every
 parameter, parameters after several AdamW steps with the core's groups and schedule, and a
-training-loss curve. HOG targets may differ where atan2 lands exactly on a bin edge, so for them
-the share of differing cells is reported next to the value error.
+training-loss curve. The forward quantities and gradients are measured on two kinds of images:
+smooth Gaussian noise and real photographs (by default the four scikit-image photographs
+astronaut, coffee, chelsea and rocket that `tools.sample_images` writes; `--images DIR` takes a
+user's own). Photographs matter for HOG targets: 8-bit images have many pixels whose gradient is
+exactly zero, where a backend that computed it inexactly would put the pixel into another bin
+(docs/method.md#zero-and-bin-edge-gradients). For HOG targets the share of target cells that
+differ by more than 1e-4 is reported per branch (scale), next to the value error over all cells.
 
 The relative error of a tensor pair is max|a - b| / max(max|b|, 1e-12): one number per tensor,
 insensitive to where the tensor is small.
@@ -14,7 +19,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Dict, List, Sequence
+import os
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -24,12 +30,20 @@ from localmim.core.schedule import lr_for_step
 from localmim.core.specs import TargetSpec, get_spec
 from localmim.core.swin_plan import build_swin_plan
 
-# The parity contract (DESIGN.md): forward quantities, gradients, parameters after AdamW steps.
+# The parity contract (docs/method.md#parity-contract): forward quantities, gradients, parameters after AdamW steps.
 FORWARD_TOL = 1e-5
 GRAD_TOL = 1e-4
 PARAM_TOL = 1e-4
 CURVE_TOL = 1e-4
 HOG_FLIP_TOL = 1e-4
+HOG_CELL_ATOL = 1e-4   # a target cell "differs" when any of its features differs by more than this
+
+# The photographs of issue 10 (bundled with scikit-image, written by tools.sample_images).
+PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+class ParityError(ValueError):
+    """Bad input to `localmim parity` (no images to compare on, images of the wrong size)."""
 
 
 @dataclasses.dataclass
@@ -39,6 +53,7 @@ class Row:
     worst: float
     tolerance: float
     where: str = ""
+    inputs: str = ""
 
     @property
     def ok(self) -> bool:
@@ -60,40 +75,80 @@ def worst_of(name: str, pairs: Dict[str, tuple], tol: float) -> Row:
     return Row(name, errs[key], tol, key)
 
 
-def differing_cell_share(a: np.ndarray, b: np.ndarray, atol: float = 1e-4) -> float:
+def differing_cells(a: np.ndarray, b: np.ndarray, atol: float = HOG_CELL_ATOL) -> np.ndarray:
+    """(B, L) bool: target tokens (B, L, C) whose feature vectors differ anywhere by more than atol."""
+    return np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max(axis=-1) > atol
+
+
+def differing_cell_share(a: np.ndarray, b: np.ndarray, atol: float = HOG_CELL_ATOL) -> float:
     """Share of target tokens (B, L, C) whose feature vector differs anywhere by more than atol."""
-    diff = np.abs(np.asarray(a) - np.asarray(b)).max(axis=-1) > atol
-    return float(diff.mean())
+    return float(differing_cells(a, b, atol).mean())
 
 
 # ------------------------------------------------------------------------------- inputs
 
 @dataclasses.dataclass
 class Inputs:
-    """One batch as numpy: images plus the mask arguments each model method takes after them.
-
-    ViT: encoder (ids_keep,), decoders (ids_restore,), loss (ids_keep, ids_restore, mask).
-    Swin: the grouping plan (a dict of arrays) for all three.
-    """
+    """One batch as numpy: images (B, 3, S, S) float32, ImageNet-normalised, and the masks dict
+    every model method takes after them (ViT: ids_keep, ids_restore, mask; Swin: the grouping
+    plan's arrays). `source` names the images in reports ("noise", "photos", a folder)."""
     images: np.ndarray
-    encoder: tuple
-    decoder: tuple
-    model: tuple
+    masks: Dict[str, np.ndarray]
+    source: str = "noise"
 
 
-def make_inputs(spec, batch: int, seed: int, step: int = 0) -> Inputs:
-    """Smooth random images (ImageNet-normalised scale) and the core's mask or plan, both seeded."""
+def noise_images(spec, batch: int, seed: int, step: int = 0) -> np.ndarray:
+    """Smooth Gaussian noise at the ImageNet-normalised scale: (batch, 3, S, S) float32, seeded."""
     rng = np.random.default_rng([seed, step])
     s = spec.img_size
     coarse = rng.standard_normal((batch, 3, s // 4, s // 4)).astype(np.float32)
     images = np.repeat(np.repeat(coarse, 4, axis=2), 4, axis=3)
-    images = (images + 0.3 * rng.standard_normal(images.shape)).astype(np.float32)
+    return (images + 0.3 * rng.standard_normal(images.shape)).astype(np.float32)
+
+
+def make_masks(spec, batch: int, seed: int, step: int = 0) -> Dict[str, np.ndarray]:
+    """The core's masks for one batch: the ViT mask dict or the Swin plan's arrays, seeded."""
     mask_rng = masking.mask_rng(seed, 0, step, 0)
     if spec.family == "swin":
-        plan = build_swin_plan(spec, masking.swin_cell_mask(mask_rng, spec.mask_grid, 0.75)).to_arrays()
-        return Inputs(images, (plan,), (plan,), (plan,))
+        return build_swin_plan(spec, masking.swin_cell_mask(mask_rng, spec.mask_grid, 0.75)).to_arrays()
     m = masking.vit_mask(mask_rng, batch, spec.num_patches, 0.75)
-    return Inputs(images, (m.ids_keep,), (m.ids_restore,), (m.ids_keep, m.ids_restore, m.mask))
+    return {"ids_keep": m.ids_keep, "ids_restore": m.ids_restore, "mask": m.mask}
+
+
+def make_inputs(spec, batch: int, seed: int, step: int = 0) -> Inputs:
+    """Noise images and the core's masks or plan, both seeded by (seed, step)."""
+    return Inputs(noise_images(spec, batch, seed, step), make_masks(spec, batch, seed, step), "noise")
+
+
+def bundled_photo_paths(cache_dir: Optional[str] = None) -> List[str]:
+    """The PHOTO_NAMES photographs among the bundled sample images (written once by
+    tools.sample_images into `cache_dir` or its default cache). Raises
+    SampleImagesUnavailable without scikit-image."""
+    from localmim.tools.sample_images import sample_image_dir
+    folder = sample_image_dir(cache_dir)
+    return [os.path.join(folder, f"{name}.png") for name in PHOTO_NAMES]
+
+
+def folder_image_paths(folder: str, limit: int) -> List[str]:
+    """The first `limit` images of a folder (flat or class folders, in `find_images` order)."""
+    from localmim.backends.images import find_images
+    if limit < 1:
+        raise ParityError(f"--max-images must be at least 1, got {limit}")
+    return find_images(os.path.expanduser(folder))[0][:limit]
+
+
+def load_photos(paths: Sequence[str], size: int) -> np.ndarray:
+    """(N, 3, size, size) float32, ImageNet-normalised: each file's shorter side resized to `size`
+    (bicubic) and centre-cropped, as `localmim visualize` reads an image."""
+    from localmim.tools.visualize import load_image, normalize_image
+    return np.concatenate([normalize_image(load_image(p, size)) for p in paths])
+
+
+def photo_inputs(spec, images: np.ndarray, seed: int, source: str = "photos") -> Inputs:
+    """Given photographs (N, 3, S, S) with the core's masks for a batch of N."""
+    if images.shape[1:] != (3, spec.img_size, spec.img_size):
+        raise ParityError(f"{spec.name} takes (N, 3, {spec.img_size}, {spec.img_size}) images, got {images.shape}")
+    return Inputs(np.ascontiguousarray(images, dtype=np.float32), make_masks(spec, images.shape[0], seed), source)
 
 
 # ------------------------------------------------------------------------------- backends
@@ -117,21 +172,18 @@ class TorchSide:
             return {k: self._t(v) for k, v in x.items()}
         return self.torch.from_numpy(np.ascontiguousarray(x))
 
-    def _args(self, args):
-        return [self._t(a) for a in args]
-
     def forward(self, inputs: Inputs):
         with self.torch.no_grad():
-            imgs = self._t(inputs.images)
-            latents = self.model.forward_encoder(imgs, *self._args(inputs.encoder))
-            preds = self.model.forward_decoders(latents, *self._args(inputs.decoder))
+            imgs, masks = self._t(inputs.images), self._t(inputs.masks)
+            latents = self.model.forward_encoder(imgs, masks)
+            preds = self.model.forward_decoders(latents, masks)
             targets = self.model.forward_targets(imgs)
-            loss, branch = self.model(imgs, *self._args(inputs.model))
+            loss, branch = self.model(imgs, masks)
         return {"latents": [x.numpy() for x in latents], "preds": [x.numpy() for x in preds],
                 "targets": [x.numpy() for x in targets], "loss": loss.numpy(), "branch": branch.numpy()}
 
     def _loss(self, inputs: Inputs):
-        return self.model(self._t(inputs.images), *self._args(inputs.model))[0]
+        return self.model(self._t(inputs.images), self._t(inputs.masks))[0]
 
     def gradients(self, inputs: Inputs) -> Dict[str, np.ndarray]:
         self.model.zero_grad(set_to_none=True)
@@ -178,25 +230,22 @@ class MindSporeSide:
             return {k: self._t(v) for k, v in x.items()}
         return self.ms.Tensor(np.ascontiguousarray(x))
 
-    def _args(self, args):
-        return [self._t(a) for a in args]
-
     def forward(self, inputs: Inputs):
-        imgs = self._t(inputs.images)
-        latents = self.model.forward_encoder(imgs, *self._args(inputs.encoder))
-        preds = self.model.forward_decoders(latents, *self._args(inputs.decoder))
+        imgs, masks = self._t(inputs.images), self._t(inputs.masks)
+        latents = self.model.forward_encoder(imgs, masks)
+        preds = self.model.forward_decoders(latents, masks)
         targets = self.model.forward_targets(imgs)
-        loss, branch = self.model(imgs, *self._args(inputs.model))
+        loss, branch = self.model(imgs, masks)
         return {"latents": [x.asnumpy() for x in latents], "preds": [x.asnumpy() for x in preds],
                 "targets": [x.asnumpy() for x in targets], "loss": loss.asnumpy(), "branch": branch.asnumpy()}
 
-    def _loss_fn(self, imgs, *args):
-        return self.model(imgs, *args)[0]
+    def _loss_fn(self, imgs, masks):
+        return self.model(imgs, masks)[0]
 
     def gradients(self, inputs: Inputs) -> Dict[str, np.ndarray]:
         names = list(self.params)
         grad_fn = self.ms.value_and_grad(self._loss_fn, None, [self.params[n] for n in names])
-        _, grads = grad_fn(self._t(inputs.images), *self._args(inputs.model))
+        _, grads = grad_fn(self._t(inputs.images), self._t(inputs.masks))
         return {n: g.asnumpy() for n, g in zip(names, grads)}
 
     def make_optimizer(self, groups, lr, betas, eps, compile=False):
@@ -207,8 +256,8 @@ class MindSporeSide:
         grad_fn = self.ms.value_and_grad(self._loss_fn, None, self.optimizer.parameters)
         optimizer = self.optimizer
 
-        def step(imgs, *args):
-            loss, grads = grad_fn(imgs, *args)
+        def step(imgs, masks):
+            loss, grads = grad_fn(imgs, masks)
             optimizer(grads)
             return loss
 
@@ -217,7 +266,9 @@ class MindSporeSide:
     def train_step(self, inputs: Inputs, lr: float) -> float:
         from localmim.backends.mindspore.engine import set_lr
         set_lr(self.optimizer, lr)
-        loss = self._step(self._t(inputs.images), *self._args(inputs.model))
+        # mutable: a dict of Tensors passed to an ms.jit function is otherwise a compile-time
+        # constant, and every new mask would recompile the step.
+        loss = self._step(self._t(inputs.images), self.ms.mutable(self._t(inputs.masks)))
         return float(loss.asnumpy())
 
     def state(self):
@@ -234,34 +285,46 @@ def initial_state(spec) -> Dict[str, np.ndarray]:
     return build_model(spec).export_state()
 
 
+def hog_cell_rows(spec, targets_m: Sequence[np.ndarray], targets_t: Sequence[np.ndarray]) -> List[Row]:
+    """One row per branch: the share of HOG target cells (tokens) that differ by more than
+    HOG_CELL_ATOL between the backends; `where` counts them."""
+    rows = []
+    for k, (br, x, y) in enumerate(zip(spec.branches(), targets_m, targets_t)):
+        diff = differing_cells(x, y)
+        rows.append(Row(f"HOG cells that differ, branch {k} ({br.cell} px)", float(diff.mean()), HOG_FLIP_TOL,
+                        f"{int(diff.sum())} of {diff.size} cells"))
+    return rows
+
+
 def compare_forward(spec, tside, mside, inputs: Inputs) -> List[Row]:
+    """Encoder taps, predictions, targets (every cell, no exceptions), losses; for HOG targets
+    also the per-branch share of differing cells."""
     a, b = mside.forward(inputs), tside.forward(inputs)
     rows = [worst_of("encoder taps", {f"tap {k}": (x, y) for k, (x, y) in
                                       enumerate(zip(a["latents"], b["latents"]))}, FORWARD_TOL),
             worst_of("predictions", {f"branch {k}": (x, y) for k, (x, y) in
-                                     enumerate(zip(a["preds"], b["preds"]))}, FORWARD_TOL)]
-    target_pairs = {f"branch {k}": (x, y) for k, (x, y) in enumerate(zip(a["targets"], b["targets"]))}
+                                     enumerate(zip(a["preds"], b["preds"]))}, FORWARD_TOL),
+            worst_of("targets", {f"branch {k}": (x, y) for k, (x, y) in
+                                 enumerate(zip(a["targets"], b["targets"]))}, FORWARD_TOL)]
     if spec.target.kind == "hog":
-        shares = {k: differing_cell_share(x, y) for k, (x, y) in target_pairs.items()}
-        key = max(shares, key=shares.get)
-        rows.append(Row("HOG cells that differ (share)", shares[key], HOG_FLIP_TOL, key))
-        # Value agreement on the cells where no bin flipped.
-        same = {k: (np.where(np.abs(x - y).max(-1, keepdims=True) > 1e-4, y, x), y)
-                for k, (x, y) in target_pairs.items()}
-        rows.append(worst_of("targets (unflipped cells)", same, FORWARD_TOL))
-    else:
-        rows.append(worst_of("targets", target_pairs, FORWARD_TOL))
+        rows += hog_cell_rows(spec, a["targets"], b["targets"])
     rows.append(worst_of("branch losses", {f"branch {k}": (a["branch"][k], b["branch"][k])
                                            for k in range(len(a["branch"]))}, FORWARD_TOL))
     rows.append(Row("loss", relative_error(a["loss"], b["loss"]), FORWARD_TOL))
-    return rows
+    return _tagged(rows, inputs.source)
 
 
 def compare_gradients(tside, mside, inputs: Inputs) -> Row:
     gt, gm = tside.gradients(inputs), mside.gradients(inputs)
     if set(gt) != set(gm):
         raise AssertionError(f"trainable parameters differ: {sorted(set(gt) ^ set(gm))}")
-    return worst_of("gradients", {n: (gm[n], gt[n]) for n in gt}, GRAD_TOL)
+    return _tagged([worst_of("gradients", {n: (gm[n], gt[n]) for n in gt}, GRAD_TOL)], inputs.source)[0]
+
+
+def _tagged(rows: List[Row], source: str) -> List[Row]:
+    for r in rows:
+        r.inputs = source
+    return rows
 
 
 def split_key_bias(state: Dict[str, np.ndarray]) -> tuple:
@@ -314,29 +377,39 @@ def compare_training(spec, state, batches: Sequence, lr=1e-3, min_lr=1e-5, warmu
 
 
 def run_parity(spec, batch: int = 2, seed: int = 0, adam_steps: int = 5, curve_steps: int = 0,
-               curve_spec=None) -> List[Row]:
+               curve_spec=None, photos: Optional[np.ndarray] = None, photo_source: str = "photos") -> List[Row]:
+    """Every parity row for `spec`: forward quantities and gradients on a noise batch and, when
+    `photos` (N, 3, S, S) are given, on them; then parameters after `adam_steps` AdamW steps on
+    noise batches (none for 0) and optionally a `curve_steps` loss curve."""
     state = initial_state(spec)
-    inputs = make_inputs(spec, batch, seed)
     tside, mside = TorchSide(spec, state), MindSporeSide(spec, state)
-    rows = compare_forward(spec, tside, mside, inputs)
-    rows.append(compare_gradients(tside, mside, inputs))
-    batches = [make_inputs(spec, batch, seed, step) for step in range(adam_steps)]
-    params_row, key_row, _, _ = compare_training(spec, state, batches)
-    rows += [params_row, key_row]
+    input_sets = [make_inputs(spec, batch, seed)]
+    if photos is not None:
+        input_sets.append(photo_inputs(spec, photos, seed, photo_source))
+    rows = []
+    for inputs in input_sets:
+        rows += compare_forward(spec, tside, mside, inputs)
+        rows.append(compare_gradients(tside, mside, inputs))
+    if adam_steps:
+        batches = [make_inputs(spec, batch, seed, step) for step in range(adam_steps)]
+        params_row, key_row, _, _ = compare_training(spec, state, batches)
+        rows += _tagged([params_row, key_row], "noise")
     if curve_steps:
         cspec = curve_spec or spec
         cstate = initial_state(cspec)
         cbatches = [make_inputs(cspec, batch, seed, step) for step in range(curve_steps)]
         _, _, curve_err, _ = compare_training(cspec, cstate, cbatches, lr=5e-4, warmup=5, epochs=curve_steps,
                                               steps_per_epoch=1, compile=True)
-        rows.append(Row(f"loss curve, {curve_steps} steps ({cspec.name})", curve_err, CURVE_TOL))
+        rows += _tagged([Row(f"loss curve, {curve_steps} steps ({cspec.name})", curve_err, CURVE_TOL)], "noise")
     return rows
 
 
 def format_rows(title: str, rows: Sequence[Row]) -> str:
-    lines = [title, f"{'quantity':44s} {'worst rel. err':>14s} {'bound':>8s}  ok  worst at"]
+    width = max([6] + [len(r.inputs) for r in rows])
+    lines = [title, f"{'inputs':{width}s} {'quantity':44s} {'worst rel. err':>14s} {'bound':>8s}  ok  worst at"]
     for r in rows:
-        lines.append(f"{r.quantity:44s} {r.worst:14.3e} {r.tolerance:8.0e}  {'yes' if r.ok else 'NO ':3s} {r.where}")
+        lines.append(f"{r.inputs:{width}s} {r.quantity:44s} {r.worst:14.3e} {r.tolerance:8.0e}  "
+                     f"{'yes' if r.ok else 'NO ':3s} {r.where}")
     return "\n".join(lines)
 
 
@@ -344,11 +417,24 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--model", default="vit_tiny_test", help="a ViT or Swin model name from core.specs")
     parser.add_argument("--target", default=None, choices=["hog", "pixel"], help="default: the model's")
     parser.add_argument("--hog-bias", action="store_true")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2, help="noise and AdamW batch size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--adam-steps", type=int, default=5)
     parser.add_argument("--curve-steps", type=int, default=0,
                         help="also compare a training-loss curve of this many steps")
+    parser.add_argument("--images", metavar="DIR", default=None,
+                        help="compare on these images (flat or class folders) instead of the bundled "
+                             f"photographs ({', '.join(PHOTO_NAMES)})")
+    parser.add_argument("--max-images", type=int, default=8, metavar="N",
+                        help="with --images: use the first N images (one batch; default 8)")
+
+
+def _photos_for(args, spec) -> tuple:
+    """(images, source name) from --images DIR or the bundled photographs, at the model's size."""
+    if args.images:
+        paths = folder_image_paths(args.images, args.max_images)
+        return load_photos(paths, spec.img_size), os.path.basename(os.path.normpath(args.images)) or "images"
+    return load_photos(bundled_photo_paths(), spec.img_size), "photos"
 
 
 def run(args) -> int:
@@ -357,6 +443,9 @@ def run(args) -> int:
         t = spec.target
         spec = spec.with_(target=TargetSpec(kind=args.target or t.kind, nbins=t.nbins,
                                             hog_bias=args.hog_bias or t.hog_bias, norm_pix=t.norm_pix))
-    rows = run_parity(spec, args.batch, args.seed, args.adam_steps, args.curve_steps)
-    print(format_rows(f"PyTorch vs MindSpore, {spec.name}, target {spec.target.kind}, float32 CPU", rows))
+    photos, source = _photos_for(args, spec)
+    rows = run_parity(spec, args.batch, args.seed, args.adam_steps, args.curve_steps, photos=photos,
+                      photo_source=source)
+    print(format_rows(f"PyTorch vs MindSpore, {spec.name}, target {spec.target.kind}, float32 CPU; "
+                      f"{photos.shape[0]} images from {source}", rows))
     return 0 if all(r.ok for r in rows) else 1

@@ -30,16 +30,25 @@ class LocalMIMModel(nn.Cell):
         self.hog_bias = bool(spec.target.hog_bias)
         self.norm_pix = bool(spec.target.norm_pix)
 
+    def construct(self, imgs, masks):
+        """Pretraining loss of one batch -> (loss scalar, branch_losses (num_branches,)), both
+        float32. masks: the loader's masks dict as Tensors (ViT: ids_keep, ids_restore, mask;
+        Swin: its grouping plan)."""
+        latents = self.forward_encoder(imgs, masks)
+        preds = self.forward_decoders(latents, masks)
+        targets = self.forward_targets(imgs)
+        return T.localmim_loss(preds, targets, self.branch_masks(masks, imgs.shape[0]))
+
     def forward_targets(self, imgs) -> List[Tensor]:
-        """Per-branch targets (B, L_k, out_k), float32, no gradient (HOG or pixel, §1.5, §2.8)."""
+        """Per-branch targets (B, L_k, out_k), float32, no gradient (HOG or pixel:
+        docs/method.md#hog-targets, #pixel-targets)."""
         imgs = ops.stop_gradient(imgs.astype(ms.float32))
         if self.target_kind == "hog":
-            weight = self.hog_enc[0].conv.weight
             if self.hog_bias:
                 biases = [self.hog_enc[k].conv.bias for k in range(self.num_branches)]
-                outs = T.hog_targets(imgs, self.cell_sizes, self.nbins, weight, biases)
+                outs = T.hog_targets(imgs, self.cell_sizes, self.nbins, biases)
             else:
-                outs = T.hog_targets(imgs, self.cell_sizes, self.nbins, weight)
+                outs = T.hog_targets(imgs, self.cell_sizes, self.nbins)
         else:
             outs = T.pixel_targets(imgs, self.cell_sizes, self.norm_pix)
         return [ops.stop_gradient(t) for t in outs]

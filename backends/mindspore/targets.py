@@ -5,13 +5,17 @@ take ImageNet-normalised float NCHW images (mindspore Tensors) and return float3
 sequences are (B, L, C) in raster order of their grid. Everything uses static shapes and runs in
 PyNative and under `ms.jit`.
 
-HOG (spec §1.5): one reflect-padded Sobel pass for all scales (explicit `ops.pad(..., 'reflect')`
-then a valid conv, since MindSpore convs have no reflect mode); each colour channel is a separate
-1-channel image; bin = floor(atan2(g0, g1) / pi * nbins) floor-mod nbins; histogram =
-one_hot(bin) * magnitude; average pool per cell; L2 over the bins as v / max(||v||, 1e-12)
-(not ops.L2Normalize, whose epsilon clamps the squared norm); features [R bins | G bins | B bins].
-Internally the histogram is kept channels-last (B, 3, H, W, nbins) so that pooling and the token
-layout are plain reshapes.
+HOG (docs/method.md#hog-targets): one reflect-padded Sobel pass for all scales (explicit
+`ops.pad(..., 'reflect')`, since MindSpore convs have no reflect mode); each colour channel is a
+separate 1-channel image; bin = floor(atan2(g0, g1) / pi * nbins) floor-mod nbins; histogram =
+one_hot(bin) * magnitude; average pool per cell; L2 over the bins as v / max(||v||, 1e-12) (not
+ops.L2Normalize, whose epsilon clamps the squared norm); features [R bins | G bins | B bins].
+Gradients and bins repeat core.targets operation for operation in float32
+(docs/method.md#zero-and-bin-edge-gradients): the Sobel sums are differences of equal-weight pixel
+pairs added in a fixed order (no conv, whose summation order differs from PyTorch's and leaves +-1
+ulp where the exact gradient is 0), and the bin is counted with comparisons against
+`core.targets.bin_edge_cotangents` (no atan2). Internally the histogram is kept channels-last (B,
+3, H, W, nbins) so that pooling and the token layout are plain reshapes.
 """
 from __future__ import annotations
 
@@ -22,12 +26,16 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from localmim.core.targets import bin_edge_cotangents
+
 __all__ = [
     "scale_masks", "patchify", "unpatchify", "normalize_pixels", "pixel_targets", "sobel_kernel",
-    "image_gradients", "hog_histogram", "hog_targets", "masked_mse", "localmim_loss", "HOGLayer",
+    "image_gradients", "orientation_bins", "hog_histogram", "hog_targets", "masked_mse", "localmim_loss",
+    "HOGLayer",
 ]
 
 _L2_EPS = 1e-12
+_FLOAT32_TINY = 2.0 ** -126   # smallest normal float32; smaller gradient components count as 0
 
 
 def _scale_factor(s):
@@ -48,7 +56,7 @@ def _scale_factor(s):
 
 
 def scale_masks(mask, grid: int, scales: Sequence[float]) -> List[Tensor]:
-    """Per-branch masks from the patch mask (spec §1.6).
+    """Per-branch masks from the patch mask (docs/method.md#scale-masks).
 
     mask: (B, grid*grid) float or bool, 1 = masked, raster order. For an integer scale s >= 1
     each entry becomes an s x s block (nearest upsampling) -> (B, (s*grid)^2) binary; for s = 1/k
@@ -111,7 +119,7 @@ def pixel_targets(imgs, cells: Sequence[int], norm_pix: bool = True) -> List[Ten
 
 
 def sobel_kernel() -> np.ndarray:
-    """The reference HOG gradient kernels, (2, 1, 3, 3) float32 numpy (cross-correlation, §1.5).
+    """The reference HOG gradient kernels, (2, 1, 3, 3) float32 numpy (cross-correlation, docs/method.md#hog-targets).
 
     Channel 0: left column minus right column; channel 1: its transpose, top row minus bottom row.
     """
@@ -119,27 +127,57 @@ def sobel_kernel() -> np.ndarray:
     return np.stack([k, k.T])[:, None].copy()
 
 
-def image_gradients(imgs, weight=None, bias=None):
-    """Reflect-padded 3x3 gradients of each colour channel: (B, 3, H, W) -> (B, 3, 2, H, W) float32.
+def _sobel_sum(diff, axis: int):
+    """(first + last) + 2 * middle of three neighbouring differences along `axis` (core order).
 
-    weight: (2, 1, 3, 3) Tensor (default the Sobel kernel); bias: optional (2,) added to both outputs.
+    axis is 2 (rows) or 3 (columns) of a 4-D tensor. The doubling is exact, so the result is the
+    same bits with or without fused multiply-add.
+    """
+    n = diff.shape[axis] - 2
+    if axis == 2:
+        first, middle, last = diff[:, :, 0:n, :], diff[:, :, 1:n + 1, :], diff[:, :, 2:n + 2, :]
+    else:
+        first, middle, last = diff[:, :, :, 0:n], diff[:, :, :, 1:n + 1], diff[:, :, :, 2:n + 2]
+    return (first + last) + 2.0 * middle
+
+
+def image_gradients(imgs, bias=None):
+    """Reflect-padded Sobel gradients of each colour channel: (B, C, H, W) -> (B, C, 2, H, W) float32.
+
+    g0 = (d_top + d_bottom) + 2 d_middle with d = left pixel - right pixel of each row, g1 the
+    same with columns (top minus bottom), exactly as core.targets.image_gradients; bias: optional
+    (2,) added to (g0, g1).
     """
     b, c, h, w = imgs.shape
-    if weight is None:
-        weight = Tensor(sobel_kernel())
     x = ops.pad(imgs.astype(ms.float32).reshape(b * c, 1, h, w), (1, 1, 1, 1), mode="reflect")
-    g = ops.conv2d(x, weight.astype(ms.float32), pad_mode="valid").reshape(b, c, 2, h, w)
+    g0 = _sobel_sum(x[:, :, :, 0:w] - x[:, :, :, 2:w + 2], axis=2)
+    g1 = _sobel_sum(x[:, :, 0:h, :] - x[:, :, 2:h + 2, :], axis=3)
+    g = ops.stack([g0.reshape(b, c, h, w), g1.reshape(b, c, h, w)], axis=2)
     if bias is not None:
         g = g + bias.astype(ms.float32).reshape(1, 1, 2, 1, 1)
     return g
+
+
+def orientation_bins(g0, g1, nbins: int):
+    """Orientation bin (float32 integers 0..nbins-1, same shape) of each gradient, as
+    core.targets.orientation_bins: subnormal components count as 0 (MindSpore's CPU kernels
+    flush them anyway); g0 == 0 is bin 0; otherwise count the edges k with
+    sign(g0) g1 <= |g0| cot(k pi / nbins) (one float32 product per edge)."""
+    g0 = ops.select(ops.abs(g0) < _FLOAT32_TINY, ops.zeros_like(g0), g0)
+    g1 = ops.select(ops.abs(g1) < _FLOAT32_TINY, ops.zeros_like(g1), g1)
+    y = ops.abs(g0)
+    x = ops.select(g0 < 0, -g1, g1)
+    bins = ops.zeros_like(g0)
+    for cot in bin_edge_cotangents(nbins).tolist():
+        bins = bins + (x <= y * Tensor(cot, ms.float32)).astype(ms.float32)
+    return ops.select(g0 == 0, ops.zeros_like(bins), bins)
 
 
 def _histogram_last(grad, nbins: int):
     """(B, 3, 2, H, W) gradients -> (B, 3, H, W, nbins) one_hot(bin) * magnitude (channels-last)."""
     g0, g1 = grad[:, :, 0], grad[:, :, 1]
     mag = ops.sqrt(g0 * g0 + g1 * g1)
-    theta = ops.atan2(g0, g1)
-    bins = ops.floor_mod(ops.floor(theta / math.pi * nbins), float(nbins))
+    bins = orientation_bins(g0, g1, nbins)
     ids = Tensor(np.arange(nbins, dtype=np.float32))
     onehot = (bins.expand_dims(-1) == ids).astype(ms.float32)
     return onehot * mag.expand_dims(-1)
@@ -185,16 +223,16 @@ def _hog_tokens(pooled):
     return v.transpose(0, 2, 3, 1, 4).reshape(b, h * w, c * n)
 
 
-def hog_targets(imgs, cells: Sequence[int], nbins: int, weight=None, biases=None) -> List[Tensor]:
-    """HOG targets for every cell size from one gradient pass (spec §1.5).
+def hog_targets(imgs, cells: Sequence[int], nbins: int, biases=None) -> List[Tensor]:
+    """HOG targets for every cell size from one gradient pass (docs/method.md#hog-targets).
 
-    imgs: (B, 3, H, W) ImageNet-normalised; cells: cell size per branch (px); weight: (2, 1, 3, 3)
-    gradient kernel (default Sobel); biases: optional (S, 2) Tensor or a sequence of S (2,)
-    Tensors: scale k adds biases[k] to the shared unbiased gradient before binning.
-    Returns a list of float32 (B, (H/c)*(W/c), 3*nbins).
+    imgs: (B, 3, H, W) ImageNet-normalised; cells: cell size per branch (px); biases: optional
+    (S, 2) Tensor or a sequence of S (2,) Tensors: scale k adds biases[k] to the shared unbiased
+    gradient before binning. The filter is always the Sobel kernel (checkpoints are checked to
+    hold it, core.state.check_hog_kernels). Returns a list of float32 (B, (H/c)*(W/c), 3*nbins).
     """
     cells = [int(c) for c in cells]
-    grad = image_gradients(imgs, weight)
+    grad = image_gradients(imgs)
     if biases is None:
         return [_hog_tokens(p) for p in _pool_cells(_histogram_last(grad, nbins), cells)]
     if len(biases) != len(cells):
@@ -207,7 +245,7 @@ def hog_targets(imgs, cells: Sequence[int], nbins: int, weight=None, biases=None
 
 
 def masked_mse(pred, target, mask):
-    """sum_i mask_i * mean_c (pred - target)^2 / sum_i mask_i, in float32 (spec §1.7).
+    """sum_i mask_i * mean_c (pred - target)^2 / sum_i mask_i, in float32 (docs/method.md#loss).
 
     pred, target: (B, L, C); mask: (B, L) weights (1 = masked). Returns a float32 scalar.
     """
@@ -236,12 +274,13 @@ class _FrozenConv(nn.Cell):
             self.bias = None
 
     def construct(self, x):
-        """x: (N, 1, H, W) -> (N, 2, H, W) gradients with reflect padding 1."""
-        x = ops.pad(x, (1, 1, 1, 1), mode="reflect")
-        y = ops.conv2d(x, self.weight, pad_mode="valid")
+        """x: (N, 1, H, W) -> (N, 2, H, W) gradients with reflect padding 1, plus the bias.
+
+        `weight` is kept for the checkpoint names and never convolved: `image_gradients` computes
+        the Sobel filter in exact order."""
         if self.has_bias:
-            y = y + self.bias.reshape(1, 2, 1, 1)
-        return y
+            return image_gradients(x, self.bias)[:, 0]
+        return image_gradients(x)[:, 0]
 
 
 class HOGLayer(nn.Cell):

@@ -12,7 +12,7 @@ from localmim.core.state import check_hog_kernels, check_state
 
 
 def init_linear_and_norm(module: nn.Module) -> None:
-    """§1.8 / §2.10: xavier_uniform Linear weights (a fused qkv as one matrix), zero biases;
+    """docs/method.md#initialisation: xavier_uniform Linear weights (a fused qkv as one matrix), zero biases;
     LayerNorm weight 1, bias 0. Use with `module.apply`."""
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
@@ -30,8 +30,18 @@ class LocalMIMModel(nn.Module):
     and, for HOG targets, `hog_enc` (one frozen HOGLayer per branch).
     """
 
+    def forward(self, imgs: torch.Tensor, masks: Mapping[str, torch.Tensor]):
+        """Pretraining loss of one batch -> (loss, branch_losses): float32 scalar and
+        (num_branches,) float32. masks: the loader's masks dict (ViT: ids_keep, ids_restore,
+        mask; Swin: its grouping plan)."""
+        latents = self.forward_encoder(imgs, masks)
+        preds = self.forward_decoders(latents, masks)
+        targets = self.forward_targets(imgs)
+        return T.localmim_loss(preds, targets, self.branch_masks(masks, imgs.shape[0]))
+
     def forward_targets(self, imgs: torch.Tensor) -> List[torch.Tensor]:
-        """One float32 (B, L_k, out_k) target per branch, no grad, autocast off (§1.5, §2.8)."""
+        """One float32 (B, L_k, out_k) target per branch, no grad, autocast off
+        (docs/method.md#hog-targets, #pixel-targets)."""
         cells = [br.cell for br in self.branches]
         tgt = self.spec.target
         with torch.no_grad(), torch.autocast(device_type=imgs.device.type, enabled=False):
@@ -41,7 +51,11 @@ class LocalMIMModel(nn.Module):
             biases = None
             if tgt.hog_bias:
                 biases = torch.stack([h.conv.bias for h in self.hog_enc]).float()
-            return T.hog_targets(imgs, cells, tgt.nbins, self.hog_enc[0].conv.weight.float(), biases)
+            return T.hog_targets(imgs, cells, tgt.nbins, biases)
+
+    def state_shapes(self) -> Dict[str, tuple]:
+        """Canonical name -> shape of every parameter and buffer of the state (trainable and frozen)."""
+        return {k: tuple(v.shape) for k, v in self.state_dict().items()}
 
     def export_state(self) -> Dict[str, np.ndarray]:
         """Canonical state: {name: float32 numpy copy} with the PyTorch names and layouts."""

@@ -4,10 +4,15 @@ All functions take ImageNet-normalised float NCHW images and return float32 tens
 sequences are (B, L, C) in raster order of their grid. Targets are meant to run under
 `torch.no_grad()` with autocast disabled (`LocalMIMViT.forward_targets` does both).
 
-HOG (spec §1.5): one reflect-padded Sobel pass for all scales; each colour channel is a separate
-1-channel image; orientation bin = floor(atan2(g0, g1) / pi * nbins) mod nbins; histogram =
-one_hot(bin) * magnitude; average pool per cell; L2 normalisation over the bins (eps 1e-12);
-features ordered [R bins | G bins | B bins].
+HOG (docs/method.md#hog-targets): one reflect-padded Sobel pass for all scales; each colour
+channel is a separate 1-channel image; orientation bin = floor(atan2(g0, g1) / pi * nbins) mod
+nbins; histogram = one_hot(bin) * magnitude; average pool per cell; L2 normalisation over the bins (eps 1e-12);
+features ordered [R bins | G bins | B bins]. Gradients and bins repeat core.targets operation for
+operation in float32 (docs/method.md#zero-and-bin-edge-gradients): the Sobel sums are
+differences of equal-weight pixel pairs added in a fixed order (no framework convolution, whose
+summation order, TF32 mode and rounding vary by device and library), and the bin is counted
+with comparisons against `core.targets.bin_edge_cotangents` (no atan2), so every device gives
+the same bins as the numpy reference.
 """
 from __future__ import annotations
 
@@ -18,16 +23,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localmim.core.targets import scale_factor
+from localmim.core.targets import bin_edge_cotangents, scale_factor
+
+_FLOAT32_TINY = 2.0 ** -126   # smallest normal float32; smaller gradient components count as 0
 
 __all__ = [
     "scale_masks", "patchify", "unpatchify", "normalize_pixels", "pixel_targets", "sobel_kernel",
-    "image_gradients", "hog_histogram", "hog_targets", "masked_mse", "localmim_loss", "HOGLayer",
+    "image_gradients", "orientation_bins", "hog_histogram", "hog_targets", "masked_mse", "localmim_loss",
+    "HOGLayer",
 ]
 
 
 def scale_masks(mask: torch.Tensor, grid: int, scales: Sequence[float]) -> List[torch.Tensor]:
-    """Per-branch masks from the patch mask (spec §1.6).
+    """Per-branch masks from the patch mask (docs/method.md#scale-masks).
 
     mask: (B, grid*grid) float, 1 = masked, raster order. For scale s >= 1 each entry becomes an
     s x s block (nearest upsampling) -> (B, (s*grid)^2) binary; for s < 1 the mask is averaged
@@ -87,7 +95,7 @@ def pixel_targets(imgs: torch.Tensor, cells: Sequence[int], norm_pix: bool = Tru
 
 
 def sobel_kernel(dtype=torch.float32, device=None) -> torch.Tensor:
-    """The reference HOG gradient kernels (2, 1, 3, 3) (cross-correlation, spec §1.5).
+    """The reference HOG gradient kernels (2, 1, 3, 3) (cross-correlation, docs/method.md#hog-targets).
 
     Channel 0: left column minus right column; channel 1: its transpose, top row minus bottom row.
     """
@@ -95,29 +103,58 @@ def sobel_kernel(dtype=torch.float32, device=None) -> torch.Tensor:
     return torch.stack([k, k.t().contiguous()])[:, None]
 
 
-def image_gradients(imgs: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Reflect-padded 3x3 gradients of each colour channel: (B, 3, H, W) -> (B, 3, 2, H, W).
+def _sobel_sum(diff: torch.Tensor, dim: int) -> torch.Tensor:
+    """(first + last) + 2 * middle of three neighbouring differences along `dim` (core order).
 
-    weight: (2, 1, 3, 3) (default the Sobel kernel); bias: optional (2,) added to both outputs.
+    The doubling is exact, so the result is the same bits with or without fused multiply-add.
     """
-    b, c, h, w = imgs.shape
-    if weight is None:
-        weight = sobel_kernel(imgs.dtype, imgs.device)
-    x = F.pad(imgs.reshape(b * c, 1, h, w), (1, 1, 1, 1), mode="reflect")
-    g = F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-    return g.reshape(b, c, 2, h, w)
+    n = diff.shape[dim] - 2
+    first, middle, last = (diff.narrow(dim, i, n) for i in range(3))
+    return (first + last) + 2.0 * middle
+
+
+def image_gradients(imgs: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reflect-padded Sobel gradients of each colour channel: (B, 3, H, W) -> (B, 3, 2, H, W) float32.
+
+    g0 = (d_top + d_bottom) + 2 d_middle with d = left pixel - right pixel of each row, g1 the
+    same with columns (top minus bottom), exactly as core.targets.image_gradients; bias: optional
+    (2,) added to (g0, g1).
+    """
+    x = F.pad(imgs.float(), (1, 1, 1, 1), mode="reflect")            # (B, 3, H + 2, W + 2)
+    g0 = _sobel_sum(x[..., :, :-2] - x[..., :, 2:], dim=-2)
+    g1 = _sobel_sum(x[..., :-2, :] - x[..., 2:, :], dim=-1)
+    g = torch.stack([g0, g1], dim=2)
+    if bias is not None:
+        g = g + bias.to(g.dtype).view(1, 1, 2, 1, 1)
+    return g
+
+
+def orientation_bins(g0: torch.Tensor, g1: torch.Tensor, nbins: int) -> torch.Tensor:
+    """Orientation bin (int64, same shape, 0..nbins-1) of each gradient, as core.targets.orientation_bins.
+
+    Subnormal components count as 0; g0 == 0 is bin 0; otherwise count the edges k with
+    sign(g0) g1 <= |g0| cot(k pi / nbins) (one float32 product per edge, in a loop so that no
+    (..., nbins - 1) float tensor is stored).
+    """
+    g0 = g0.masked_fill(g0.abs() < _FLOAT32_TINY, 0.0)
+    g1 = g1.masked_fill(g1.abs() < _FLOAT32_TINY, 0.0)
+    y = g0.abs()
+    x = torch.where(g0 < 0, -g1, g1)
+    bins = torch.zeros(g0.shape, dtype=torch.int64, device=g0.device)
+    for cot in torch.from_numpy(bin_edge_cotangents(nbins)).to(g0.device):
+        bins += x <= y * cot
+    return bins.masked_fill_(g0 == 0, 0)
 
 
 def hog_histogram(grad: torch.Tensor, nbins: int) -> torch.Tensor:
     """Hard-binned orientation histogram per pixel: (B, 3, 2, H, W) -> (B, 3, nbins, H, W).
 
-    Value = gradient magnitude at the pixel's bin, 0 elsewhere. Unsigned orientation over [0, pi).
+    Value = gradient magnitude at the pixel's `orientation_bins` bin, 0 elsewhere. Unsigned
+    orientation over [0, pi).
     """
     g0, g1 = grad[:, :, 0], grad[:, :, 1]
     mag = torch.sqrt(g0 * g0 + g1 * g1)
-    theta = torch.atan2(g0, g1)
-    bins = torch.remainder(torch.floor(theta / math.pi * nbins), nbins).long()
+    bins = orientation_bins(g0, g1, nbins)
     b, c, h, w = mag.shape
     hist = torch.zeros(b, c, nbins, h, w, dtype=mag.dtype, device=mag.device)
     return hist.scatter_(2, bins.unsqueeze(2), mag.unsqueeze(2))
@@ -149,16 +186,16 @@ def _hog_tokens(pooled: torch.Tensor) -> torch.Tensor:
 
 
 def hog_targets(imgs: torch.Tensor, cells: Sequence[int], nbins: int,
-                weight: Optional[torch.Tensor] = None,
                 biases: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
-    """HOG targets for every cell size from one gradient pass (spec §1.5).
+    """HOG targets for every cell size from one gradient pass (docs/method.md#hog-targets).
 
-    imgs: (B, 3, H, W) ImageNet-normalised; cells: cell size per branch (px); weight: (2,1,3,3)
-    gradient kernel (default Sobel); biases: optional (S, 2), scale k adds biases[k] to the
-    gradient before binning. Returns a list of float32 (B, (H/c)*(W/c), 3*nbins).
+    imgs: (B, 3, H, W) ImageNet-normalised; cells: cell size per branch (px); biases: optional
+    (S, 2), scale k adds biases[k] to the gradient before binning. The filter is always the Sobel
+    kernel (checkpoints are checked to hold it, core.state.check_hog_kernels). Returns a list of
+    float32 (B, (H/c)*(W/c), 3*nbins).
     """
     imgs = imgs.float()
-    grad = image_gradients(imgs, weight)
+    grad = image_gradients(imgs)
     if biases is None:
         return [_hog_tokens(p) for p in _pool_cells(hog_histogram(grad, nbins), cells)]
     if biases.shape[0] != len(cells):
@@ -171,7 +208,7 @@ def hog_targets(imgs: torch.Tensor, cells: Sequence[int], nbins: int,
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum_i mask_i * mean_c (pred - target)^2 / sum_i mask_i, in float32 (spec §1.7).
+    """sum_i mask_i * mean_c (pred - target)^2 / sum_i mask_i, in float32 (docs/method.md#loss).
 
     pred, target: (B, L, C); mask: (B, L) weights (1 = masked). Returns a float32 scalar.
     """
@@ -192,7 +229,9 @@ class HOGLayer(nn.Module):
     """Frozen gradient filter of one HOG scale: `conv` holds weight (2,1,3,3) = Sobel, optional bias (2).
 
     The bias, when present, is drawn like PyTorch's default conv bias, U(-1/3, 1/3) (fan_in 9).
-    The layer only stores parameters: `LocalMIMViT.forward_targets` computes all scales at once.
+    `conv` is kept for the checkpoint names `hog_enc.{k}.conv.weight` / `.bias`; its weight is
+    never convolved (`image_gradients` computes the Sobel filter in exact order).
+    `LocalMIMModel.forward_targets` computes all scales at once.
     """
 
     def __init__(self, bias: bool = False):
@@ -204,5 +243,5 @@ class HOGLayer(nn.Module):
             p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, 1, H, W) -> (N, 2, H, W) gradients (reflect padding)."""
-        return self.conv(x)
+        """x: (N, 1, H, W) -> (N, 2, H, W) gradients (reflect padding) plus the bias."""
+        return image_gradients(x, self.conv.bias)[:, 0]

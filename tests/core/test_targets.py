@@ -1,4 +1,5 @@
-"""Target-scale math: per-scale masks (§1.6), pixel targets (§2.8), HOG (§1.5), loss (§1.7)."""
+"""Target-scale math (docs/method.md#scale-masks, #pixel-targets, #hog-targets, #loss): per-scale
+masks, pixel targets, HOG, loss."""
 import math
 
 import numpy as np
@@ -196,6 +197,134 @@ def test_histogram_18_bins():
     x, _ = _ramps()
     h = T.hog_histogram(T.image_gradients(np.stack([x, x, x])[None]), 18)
     np.testing.assert_array_equal(h[0, 0].argmax(axis=0)[:, 1:-1], 9)  # theta = -pi/2 -> -9 mod 18
+
+
+def _eight_bit_images(seed, batch=2, size=16):
+    """Blocky 8-bit colour images normalised as the data pipeline does, (B, 3, S, S) float32: 4x4
+    blocks of constant value, so many pixels have equal left/right (top/bottom) neighbours."""
+    rng = np.random.default_rng(seed)
+    levels = rng.integers(0, 256, size=(batch, 3, size // 4, size // 4)).astype(np.float32)
+    v = np.repeat(np.repeat(levels, 4, axis=2), 4, axis=3) / np.float32(255.0)
+    mean = np.array(T.IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
+    std = np.array(T.IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
+    return ((v - mean) / std).astype(np.float32)
+
+
+def test_gradients_are_the_fixed_order_float32_sums():
+    """The definition, operation by operation in float32 scalars: d = left - right per row,
+    g0 = (d_top + d_bottom) + 2 d_middle (g1 likewise with columns); bit for bit."""
+    imgs = np.concatenate([_eight_bit_images(0, 1, 8),
+                           np.random.default_rng(9).standard_normal((1, 3, 8, 8)).astype(np.float32)])
+    g = T.image_gradients(imgs)
+    f = np.float32
+    for b in range(2):
+        for ch in range(3):
+            px = lambda i, j: f(imgs[b, ch, _reflect(i, 8), _reflect(j, 8)])
+            for r in range(8):
+                for c in range(8):
+                    d = [px(r + i, c - 1) - px(r + i, c + 1) for i in (-1, 0, 1)]
+                    e = [px(r - 1, c + j) - px(r + 1, c + j) for j in (-1, 0, 1)]
+                    assert g[b, ch, 0, r, c] == (d[0] + d[2]) + f(2) * d[1]
+                    assert g[b, ch, 1, r, c] == (e[0] + e[2]) + f(2) * e[1]
+
+
+def test_equal_neighbours_give_an_exact_positive_zero():
+    """Where the left and right neighbours of all three rows are equal, g0 is +0 exactly (never a
+    +-1 ulp residue, never -0), so the pixel is in bin 0 with the full |g1| (likewise g1)."""
+    imgs = _eight_bit_images(1, 2, 16)
+    g = T.image_gradients(imgs)
+    p = np.pad(imgs, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+    lr_equal = (p[:, :, :, :-2] == p[:, :, :, 2:])
+    lr_equal = lr_equal[:, :, :-2] & lr_equal[:, :, 1:-1] & lr_equal[:, :, 2:]
+    tb_equal = (p[:, :, :-2, :] == p[:, :, 2:, :])
+    tb_equal = tb_equal[..., :-2] & tb_equal[..., 1:-1] & tb_equal[..., 2:]
+    assert lr_equal.mean() > 0.4 and tb_equal.mean() > 0.4       # the case is common here
+    for o, equal in ((0, lr_equal), (1, tb_equal)):
+        zero = g[:, :, o][equal]
+        assert np.all(zero == 0) and not np.signbit(zero).any()
+    bins = T.orientation_bins(g[:, :, 0], g[:, :, 1], 9)
+    moving = lr_equal & (g[:, :, 1] != 0)
+    assert moving.any() and np.all(bins[moving] == 0)
+
+
+def test_constant_rows_put_everything_in_bin_0():
+    """Rows of constant (8-bit, normalised) value: g0 = 0 at every pixel, borders included, so the
+    whole histogram sits in bin 0 whichever sign g1 has; constant columns: the 90-degree bin."""
+    levels = np.array([3, 200, 17, 17, 90, 255, 0, 128], np.float32) / np.float32(255.0)
+    rows = np.broadcast_to(((levels - np.float32(0.485)) / np.float32(0.229))[:, None], (8, 8))
+    imgs = np.broadcast_to(rows, (1, 3, 8, 8)).copy()
+    g = T.image_gradients(imgs)
+    assert np.all(g[:, :, 0] == 0) and not np.signbit(g[:, :, 0]).any()
+    assert (g[:, :, 1] > 0).any() and (g[:, :, 1] < 0).any()
+    for nbins in (9, 18):
+        hist = T.hog_histogram(g, nbins)
+        assert np.all(hist[:, :, 1:] == 0)
+        np.testing.assert_array_equal(hist[:, :, 0], np.abs(g[:, :, 1]))
+    (tok,) = T.hog_targets(imgs, [4], 9)
+    moving = tok.reshape(-1, 3, 9)[:, 0]
+    assert np.all(moving[:, 1:] == 0) and np.all(moving[:, 0] == 1.0)
+    cols = np.ascontiguousarray(imgs.transpose(0, 1, 3, 2))
+    gc = T.image_gradients(cols)
+    assert np.all(gc[:, :, 1] == 0)
+    b9, b18 = (T.orientation_bins(gc[:, :, 0], gc[:, :, 1], n)[gc[:, :, 0] != 0] for n in (9, 18))
+    assert np.all(b9 == 4) and np.all(b18 == 9)          # 90 deg: inside bin 4 of 9, on edge 9 of 18
+
+
+def test_bin_edge_cotangents_table():
+    for nbins in (1, 2, 4, 8, 9, 18):
+        cot = T.bin_edge_cotangents(nbins)
+        assert cot.shape == (nbins - 1,) and cot.dtype == np.float32
+        np.testing.assert_array_equal(cot, -cot[::-1])                     # exactly antisymmetric
+        assert np.all(np.diff(cot) < 0)                                    # strictly decreasing
+        k = np.arange(1, nbins)
+        np.testing.assert_allclose(cot, 1.0 / np.tan(k * np.pi / nbins), rtol=1e-7, atol=1e-7)
+    assert T.bin_edge_cotangents(18)[8] == 0.0 and T.bin_edge_cotangents(4).tolist() == [1.0, 0.0, -1.0]
+    with pytest.raises(ValueError, match="nbins must be a positive integer"):
+        T.bin_edge_cotangents(0)
+
+
+def test_orientation_bins_on_edges_zeros_and_next_to_them():
+    """Hand-derived: g0 == 0 is bin 0 for either sign of g1 (theta = 0 and +-pi); an angle exactly
+    on an edge belongs to the upper bin; the nearest float on either side decides by its side."""
+    tiny, f = np.float32(1e-30), np.float32
+    cases = [  # (g0, g1, nbins, bin)
+        (0.0, 1.0, 9, 0), (0.0, -1.0, 9, 0), (-0.0, -1.0, 9, 0), (-0.0, 1.0, 9, 0), (0.0, 0.0, 9, 0),
+        (tiny, 1.0, 9, 0), (-tiny, 1.0, 9, 8), (tiny, -1.0, 9, 8), (-tiny, -1.0, 9, 0),
+        (1.0, 0.0, 18, 9), (-1.0, 0.0, 18, 9), (1.0, tiny, 18, 8), (1.0, -tiny, 18, 9),
+        (1.0, 1e-45, 18, 9), (1e-45, -1.0, 9, 0), (-1e-40, 1.0, 9, 0),   # subnormals count as 0
+        (1.0, 1.0, 4, 1), (1.0, -1.0, 4, 3), (-1.0, 1.0, 4, 3), (2.0, 2.0, 8, 2), (3.0, -3.0, 8, 6),
+    ]
+    for k, cot in enumerate(T.bin_edge_cotangents(9), start=1):           # edges with irrational cot
+        cases += [(1.0, float(cot), 9, k), (1.0, float(np.nextafter(cot, f(np.inf))), 9, k - 1),
+                  (-1.0, -float(cot), 9, k)]
+    g0 = np.array([c[0] for c in cases], np.float32)
+    g1 = np.array([c[1] for c in cases], np.float32)
+    for nbins in (4, 8, 9, 18):
+        sel = [i for i, c in enumerate(cases) if c[2] == nbins]
+        got = T.orientation_bins(g0[sel], g1[sel], nbins)
+        assert got.dtype == np.int64
+        assert got.tolist() == [cases[i][3] for i in sel], [cases[i] for i in sel]
+
+
+def test_orientation_bins_equal_floor_atan2_away_from_edges():
+    rng = np.random.default_rng(11)
+    g = (rng.standard_normal((2, 20000)) * np.exp(rng.uniform(-6, 6, (1, 20000)))).astype(np.float32)
+    theta = np.arctan2(g[0].astype(np.float64), g[1].astype(np.float64))
+    for nbins in (9, 18):
+        ref = np.mod(np.floor(theta / np.pi * nbins), nbins).astype(np.int64)
+        edge_distance = np.abs(theta / np.pi * nbins - np.round(theta / np.pi * nbins))
+        far = edge_distance > 1e-5
+        assert far.mean() > 0.99
+        np.testing.assert_array_equal(T.orientation_bins(g[0], g[1], nbins)[far], ref[far])
+
+
+def test_hog_bias_exactly_on_an_edge():
+    """A flat image with bias (b0, 0) has theta = +-pi/2: bin 4 of 9, and the upper bin 9 of 18."""
+    flat = np.zeros((1, 3, 8, 8), np.float32)
+    for nbins, b0, want in ((9, 0.25, 4), (18, 0.25, 9), (18, -0.25, 9)):
+        (tok,) = T.hog_targets(flat, [4], nbins, np.array([[b0, 0.0]], np.float32))
+        assert np.all(tok.reshape(-1, 3, nbins).argmax(-1) == want)
+        np.testing.assert_array_equal(tok.reshape(-1, 3, nbins).max(-1), 1.0)
 
 
 def test_pool_and_l2_hand_example():
