@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
 from typing import Callable, Dict, Optional
 
 import numpy as np
@@ -34,7 +36,7 @@ import numpy as np
 from localmim.backends import runs
 from localmim.core import schedule
 
-__all__ = ["CHECK_EVERY_STEP_ON_CPU", "seed_host", "train"]
+__all__ = ["CHECK_EVERY_STEP_ON_CPU", "STOP_SIGNALS", "StopSignals", "ignore_stop_signals", "seed_host", "train"]
 
 # On CPU a per-step finiteness check costs nothing, so a bad loss is caught at once; on accelerators
 # the losses stay on the device until the next log line or checkpoint (no host sync in the step).
@@ -47,6 +49,48 @@ def seed_host(seed: int) -> None:
     np.random.seed(int(seed))
 
 
+# What SLURM (scancel, --signal=USR1@<s>) and Kubernetes (pod deletion) send before they kill a job.
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 handlers for the length of a run: a signal only records its name in
+    `requested` (the first one wins); the loop then stops after the current optimizer step,
+    writes a checkpoint and raises runs.Preempted. restore() puts the previous handlers back.
+
+    Python allows handlers in the main thread only; elsewhere nothing is installed and the signals
+    keep their previous effect. A second signal changes nothing: SIGKILL ends a stuck run.
+    """
+
+    def __init__(self):
+        self.requested: Optional[str] = None
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)  # Windows has no SIGUSR1
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is None:
+            self.requested = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """worker_init_fn of data-loader processes: SLURM signals every process of a job step, and a
+    loader worker that died of it would end the run before the main process writes its checkpoint."""
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def _lr_of(cfg, base_lr: float, steps_per_epoch: int) -> Callable[[int], float]:
     """Optimizer step index -> its lr (warmup + cosine, counted in optimizer steps)."""
     o = cfg.optim
@@ -54,17 +98,29 @@ def _lr_of(cfg, base_lr: float, steps_per_epoch: int) -> Callable[[int], float]:
 
 
 def train(cfg, stepper, loader, sampler, ckpt, *, rank: int = 0, world: int = 1, on_cpu: bool = True,
-          barrier: Callable[[], None] = lambda: None) -> Dict:
+          barrier: Callable[[], None] = lambda: None,
+          any_rank: Optional[Callable[[bool], bool]] = None,
+          figure: Optional[Callable[[int], np.ndarray]] = None) -> Dict:
     """Train (or resume) as `cfg` says with `stepper` on the batches of `loader`.
 
     loader / sampler: an iterable of batches of the sampler's current window and the
     ShardedBatchSampler behind it (`set_epoch(epoch, start_batch, num_batches)`,
     `batches_per_epoch`). ckpt: the backend's checkpoint module. barrier: the backend's collective
-    barrier (a no-op in one process). The output folder must exist.
+    barrier (a no-op in one process). The output folder must exist. figure: rank 0's hook for
+    TensorBoard, step -> (H, W, 3) uint8 reconstruction figure of the current model (None: no
+    images); with train.tensorboard it is drawn as runs.figure_due says.
 
     Returns {"step", "loss" (the last step's loss, or the last logged one when nothing was left to
     do), "checkpoint" (the newest checkpoint path), "output_dir"}. Raises NonFiniteLossError
     naming the first bad step, before any later checkpoint is written.
+
+    Faults (runs.py, section faults): train.resume picks the checkpoint to start from
+    (runs.resume_checkpoint). On SIGTERM / SIGUSR1 (StopSignals) the run finishes the current
+    optimizer step, logs it, writes a checkpoint and raises runs.Preempted. any_rank(flag) -> True
+    on every rank when flag is True on any rank (the backend's collective; None: one process): the
+    ranks agree on the step to stop at after every step on CPU and in one process, and at log lines
+    and checkpoints on accelerators (the steps that sync the host anyway), and learn of a checkpoint
+    rank 0 could not write (runs.checkpoint_not_written, train.on_save_error).
     """
     out = os.path.abspath(cfg.train.output_dir)
     main = rank == 0
@@ -72,8 +128,12 @@ def train(cfg, stepper, loader, sampler, ckpt, *, rank: int = 0, world: int = 1,
     steps_per_epoch, total = runs.plan_steps(cfg, sampler.batches_per_epoch, accum)
     lr_of = _lr_of(cfg, cfg.resolved_lr(world), steps_per_epoch)
 
+    if any_rank is None:
+        if world > 1:
+            raise ValueError("loop.train needs the backend's any_rank collective when world > 1")
+        any_rank = bool
     step = 0
-    last_ckpt, payload = runs.load_latest(ckpt, out, stepper.model_shapes)
+    last_ckpt, payload = runs.resume_checkpoint(ckpt, out, cfg.train.resume, stepper.model_shapes, main)
     if payload is not None:
         stepper.load_states(payload, last_ckpt)
         step = int(payload["step"])
@@ -88,16 +148,26 @@ def train(cfg, stepper, loader, sampler, ckpt, *, rank: int = 0, world: int = 1,
     check_every_step = on_cpu and CHECK_EVERY_STEP_ON_CPU
     log_every, save_every, save_epochs = runs.loop_intervals(cfg)
 
-    def save(at_step: int) -> str:
+    def save(at_step: int, final: bool = False) -> Optional[str]:
+        """Write checkpoint-<at_step> (rank 0); its path, or None when it failed under train.on_save_error=warn."""
         tracker.fetch()  # raises before anything is written if a loss went non-finite
-        path = runs.save_run_checkpoint(ckpt, out, at_step, steps_per_epoch, cfg, stepper.states, main)
-        barrier()
+        error = None
+        try:
+            path = runs.save_run_checkpoint(ckpt, out, at_step, steps_per_epoch, cfg, stepper.states, main)
+        except runs.CheckpointWriteError as e:
+            path, error = os.path.join(out, ckpt.checkpoint_name(at_step)), e
+        if any_rank(error is not None):  # every rank learns of rank 0's failure; also the barrier
+            runs.checkpoint_not_written(error, path, cfg.train.on_save_error, final, last_ckpt, at_step, main)
+            return None
         return path
 
     logger = runs.StepLogger(log_path, total, step, steps_per_epoch, cfg.data.batch_size * accum * world, main,
-                             cfg.train.progress)
+                             cfg.train.progress, board=runs.open_tensorboard(cfg, out, step, main))
+    figure_every = int(cfg.train.tensorboard_images_every_epochs)
     saved_at: Optional[int] = None
     lr = lr_of(step)
+    agree_every_step = on_cpu or world == 1  # a stop needs no host sync there; elsewhere at log lines / saves
+    stop = StopSignals()
     try:
         while step < total:
             epoch = step // steps_per_epoch
@@ -117,17 +187,28 @@ def train(cfg, stepper, loader, sampler, ckpt, *, rank: int = 0, world: int = 1,
                 if check_every_step:
                     tracker.fetch()
                 logger.step_done()
-                if step % log_every == 0 or step == total:
+                logged = step % log_every == 0 or step == total
+                if logged:
                     logger.log(step, tracker.take_window(), lr)
-                if runs.save_due(step, total, steps_per_epoch, save_every, save_epochs):
-                    last_ckpt = save(step)
+                save_now = runs.save_due(step, total, steps_per_epoch, save_every, save_epochs)
+                stopping = step < total and (agree_every_step or logged or save_now) and \
+                    any_rank(stop.requested is not None)
+                if stopping and not logged:  # log.jsonl then covers every step the checkpoint holds
+                    logger.log(step, tracker.take_window(), lr)
+                if save_now or stopping:
+                    last_ckpt = save(step, final=stopping or step >= total) or last_ckpt
                     saved_at = step
                     logger.restart_clock_if_empty()  # keep checkpoint writing out of images_per_s
+                if stopping:
+                    raise runs.Preempted(stop.requested or "a stop signal on another rank", step, total, last_ckpt)
+                if figure is not None and runs.figure_due(step, total, steps_per_epoch, figure_every):
+                    logger.figure(step, figure)
                 if step >= total:
                     break
         if saved_at != step:
-            last_ckpt = save(step)
+            last_ckpt = save(step, final=True) or last_ckpt
         tracker.fetch()
     finally:
+        stop.restore()
         logger.close()
     return {"step": step, "loss": tracker.last_loss, "checkpoint": last_ckpt, "output_dir": out}

@@ -91,6 +91,14 @@ class TrainConfig:
     keep_checkpoints: int = 3
     compile: Optional[bool] = None         # None: the backend's fast path (MindSpore ms.jit, PyTorch eager)
     progress: Optional[bool] = None        # None: a bar only when stderr is a terminal
+    # Where a run starts (README "Long runs"): latest_valid = the newest checkpoint of output_dir that
+    # loads (newer broken ones are moved to <name>.broken with a warning); latest = the newest or an
+    # error; none = start over (an error if output_dir holds checkpoints); or a checkpoint path.
+    resume: str = "latest_valid"
+    on_save_error: str = "stop"            # a checkpoint that cannot be written: stop | warn (train on without it)
+    collective_timeout_s: float = 1800.0   # torch process-group timeout: how long ranks wait for a lost one
+    tensorboard: bool = False              # TensorBoard event files in <output_dir>/tensorboard (rank 0)
+    tensorboard_images_every_epochs: int = 10  # the reconstruction figure every N epochs and at the end; 0: never
 
 
 @dataclass
@@ -127,6 +135,8 @@ SECTIONS: Dict[str, type] = {
 }
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RESUME_KEYWORDS = ("latest_valid", "latest", "none")  # or a checkpoint path (backends/runs.py RESUME_POLICIES)
+SAVE_ERROR_POLICIES = ("stop", "warn")
 DEVICES = ("auto", "cpu", "cuda", "ascend")
 TARGET_KINDS = ("hog", "pixel")
 
@@ -288,6 +298,14 @@ def _rules(cfg: PretrainConfig) -> List[Tuple[str, Any, bool, str]]:
          "a positive integer or null"),
         ("train.save_every_epochs", r.save_every_epochs, r.save_every_epochs >= 1, "a positive integer"),
         ("train.keep_checkpoints", r.keep_checkpoints, r.keep_checkpoints >= 1, "a positive integer"),
+        ("train.resume", r.resume, r.resume in RESUME_KEYWORDS or r.resume.endswith((".pth", ".ckpt")),
+         f"one of {', '.join(RESUME_KEYWORDS)} or the path of a .pth / .ckpt checkpoint"),
+        ("train.on_save_error", r.on_save_error, r.on_save_error in SAVE_ERROR_POLICIES,
+         f"one of {', '.join(SAVE_ERROR_POLICIES)}"),
+        ("train.collective_timeout_s", r.collective_timeout_s, r.collective_timeout_s > 0,
+         "a positive number of seconds"),
+        ("train.tensorboard_images_every_epochs", r.tensorboard_images_every_epochs,
+         r.tensorboard_images_every_epochs >= 0, "a non-negative integer (0: no images)"),
     ]
 
 

@@ -124,3 +124,209 @@ def h(mask_tensors):
     """The helper functions above as one fixture (tests do not import `conftest` by name)."""
     return types.SimpleNamespace(make_images=make_images, make_mask=make_mask, mask_tensors=mask_tensors,
                                  rel_err=rel_err, to_numpy=to_numpy)
+
+
+# ---------------------------------------------------------------------------------------- fault runs
+# Helpers of tests/torch/test_faults.py and tests/mindspore/test_faults.py: `localmim pretrain` in
+# a child process, killed or signalled at a given checkpoint, or run on a tiny filesystem.
+
+# A process that imports a backend once and then forks one child per run: each child is a fresh
+# process that runs cli.main(argv) in its own session, as `localmim pretrain ...` would, without
+# paying the framework's import again (5-10 s on 2 busy cores). Reads one JSON job per line
+# {"argv", "out", "err", "status", "tmpfs"}, answers the child's pid, writes its exit code to
+# "status". Where `unshare -rm` works the zygote lives in its own user + mount namespace, so a
+# job's child may mount a small tmpfs (tmpfs: {"dir", "size_kb", "copy_to"}: mounted before the
+# run, its files copied to copy_to after it; seen by no process outside).
+_ZYGOTE = r"""
+import importlib, json, os, shutil, subprocess, sys, traceback
+setup, modules = sys.argv[1], sys.argv[2:]
+from localmim.tools import cli
+sys.argv = [cli.__file__]  # as under `python -m localmim.tools.cli` (MindSpore's compile cache reads it)
+for name in modules:
+    importlib.import_module(name)
+exec(setup)
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        for fd, path in ((1, job["out"]), (2, job["err"])):
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(target, fd)
+            os.close(target)
+        small = job.get("tmpfs")
+        if small:
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%dk" % small["size_kb"], "tmpfs", small["dir"]],
+                           check=True)
+        try:
+            code = cli.main(job["argv"])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        if small:
+            shutil.copytree(small["dir"], small["copy_to"], dirs_exist_ok=True)
+            subprocess.run(["umount", small["dir"]], check=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    print(pid, flush=True)
+    _, status = os.waitpid(pid, 0)
+    with open(job["status"] + ".tmp", "w") as f:
+        f.write(str(os.waitstatus_to_exitcode(status)))
+    os.replace(job["status"] + ".tmp", job["status"])
+os._exit(0)  # no interpreter teardown of the framework
+"""
+
+
+class ForkedRun:
+    """One run of the zygote: pid (its own process group), poll() / wait(timeout) -> exit code
+    (negative: killed by that signal), None while it runs."""
+
+    def __init__(self, pid, status_path):
+        self.pid, self._status, self.returncode = pid, status_path, None
+
+    def poll(self):
+        import os
+        if self.returncode is None and os.path.exists(self._status):
+            with open(self._status) as f:
+                self.returncode = int(f.read())
+        return self.returncode
+
+    def wait(self, timeout=300.0):
+        import time
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            assert time.monotonic() < deadline, f"run {self.pid} still going after {timeout} s"
+            time.sleep(0.01)
+        return self.returncode
+
+
+class Zygote:
+    """zygote = Zygote("localmim.backends.torch.engine", ..., setup="") (the modules to import
+    once, then Python code to run once); run = zygote.start(argv, log_dir, name) (argv:
+    cli.main's arguments; stdout / stderr in <log_dir>/<name>.out / .err); close()."""
+
+    def __init__(self, *modules, setup=""):
+        import os
+        import subprocess
+        import sys
+        env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread, as the tests' own runs (pytest_configure)
+        self.small_filesystem = _small_filesystem_works()
+        command = [sys.executable, "-c", _ZYGOTE, setup, *modules]
+        self._proc = subprocess.Popen((["unshare", "-rm"] if self.small_filesystem else []) + command,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def start(self, argv, log_dir, name, tmpfs=None):
+        """tmpfs: {"dir", "size_kb", "copy_to"} to run on a small filesystem (needs small_filesystem)."""
+        import json
+        import os
+        paths = {k: os.path.join(str(log_dir), f"{name}.{k}") for k in ("out", "err", "status")}
+        if tmpfs is not None:
+            assert self.small_filesystem, "no tmpfs can be mounted here"
+            tmpfs = {k: (str(v) if k != "size_kb" else int(v)) for k, v in tmpfs.items()}
+            os.makedirs(tmpfs["dir"], exist_ok=True)
+        self._proc.stdin.write(json.dumps(dict(paths, argv=[str(a) for a in argv], tmpfs=tmpfs)) + "\n")
+        self._proc.stdin.flush()
+        line = self._proc.stdout.readline()
+        assert line, "the zygote process died"
+        return ForkedRun(int(line), paths["status"])
+
+    def run(self, argv, log_dir, name, timeout=300.0, tmpfs=None):
+        """start() and wait: the exit code."""
+        return self.start(argv, log_dir, name, tmpfs).wait(timeout)
+
+    def close(self):
+        self._proc.stdin.close()
+        self._proc.wait(timeout=60)
+
+
+def _fault_config(root, steps, **train):
+    """A tiny run's config file in `root`: vit_tiny_test (32 px) on 8 images of `root`/images,
+    batch 2 (4 steps an epoch), `steps` steps, a log line and a checkpoint after every step (the
+    newest 2 kept); `train` adds train keys. Returns its path."""
+    import yaml
+    from PIL import Image
+    images = root / "images"
+    images.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(images / f"im{i}.png")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name": "vit_tiny_test"},
+        "data": {"path": str(images), "batch_size": 2, "num_workers": 0},
+        "optim": {"lr": 2e-3, "epochs": 4, "warmup_epochs": 1},
+        "train": dict({"max_steps": steps, "log_every": 1, "save_every_steps": 1, "keep_checkpoints": 2,
+                       "progress": False, "seed": 3, "device": "cpu"}, **train)}))
+    return config
+
+
+def _pretrain_argv(backend, config, output, *extra):
+    """cli.main's argv for `localmim pretrain` of `config` into `output`."""
+    return ["pretrain", "--backend", backend, "--config", str(config), "--output", str(output), *map(str, extra)]
+
+
+def _newest_step(folder, ext):
+    """The highest step of the checkpoint-<step><ext> files in `folder`, -1 when there is none."""
+    import os
+    import re
+    steps = [int(m.group(1)) for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+             for m in [re.match(r"^checkpoint-(\d+)" + re.escape(ext) + "$", n)] if m]
+    return max(steps, default=-1)
+
+
+def _signal_at(run, folder, ext, step, delay, signum, timeout=300.0):
+    """Wait until `folder` holds checkpoint-<step or later>, sleep `delay` s, send `signum` to the
+    process group of `run` (the run and its loader workers, as SLURM signals a job step) and
+    return its exit code."""
+    import os
+    import time
+    deadline = time.monotonic() + timeout
+    while _newest_step(folder, ext) < step:
+        assert run.poll() is None, f"the run ended (code {run.returncode}) before checkpoint-{step}"
+        assert time.monotonic() < deadline, f"no checkpoint-{step} after {timeout} s"
+        time.sleep(0.002)
+    time.sleep(delay)
+    assert run.poll() is None, "the run ended before the signal"
+    os.killpg(run.pid, signum)
+    return run.wait(timeout)
+
+
+def _run_log(folder):
+    """The records of log.jsonl in `folder`."""
+    import json
+    import os
+    with open(os.path.join(folder, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _logged_losses(folder):
+    """log.jsonl without its timing fields: the numbers a resumed run must repeat."""
+    return [{k: v for k, v in r.items() if k not in ("images_per_s", "step_time_s")} for r in _run_log(folder)]
+
+
+def _printed_warnings(err_file):
+    """The RuntimeWarning messages a run printed on stderr (a pathlib.Path)."""
+    import re
+    return re.findall(r"RuntimeWarning: (.*)", err_file.read_text())
+
+
+def _small_filesystem_works():
+    """Whether this user may mount a tmpfs in a new user + mount namespace (`unshare -rm`)."""
+    import shutil
+    import subprocess
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+@pytest.fixture(scope="session")
+def fault_runs():
+    """The fault-run helpers above as one fixture."""
+    return types.SimpleNamespace(Zygote=Zygote, config=_fault_config, argv=_pretrain_argv, newest_step=_newest_step,
+                                 signal_at=_signal_at, log=_run_log, losses=_logged_losses,
+                                 warnings=_printed_warnings)

@@ -1,4 +1,4 @@
-"""`localmim`: the command line (pretrain, finetune, convert, visualize, bench, demo, parity).
+"""`localmim`: the command line (pretrain, finetune, convert, visualize, plot, bench, demo, parity).
 
 Each command lives in its own module `localmim.tools.<cmd>` exposing `add_arguments(parser)` and
 `run(args) -> int`. Only the chosen command's module is imported, so `localmim --help` and a
@@ -9,6 +9,7 @@ backend, unreadable image): one sentence on stderr, no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
 import os
@@ -26,11 +27,18 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "finetune": ("fine-tune a pretrained encoder for classification", "the fine-tuning loop is planned"),
     "convert": ("convert checkpoints between PyTorch, MindSpore, official LocalMIM/MAE and timm", ""),
     "visualize": ("render a checkpoint's multi-scale reconstructions of one image as a PNG", ""),
+    "plot": ("draw a run's log.jsonl (losses per branch, lr, accuracies) as RUN_DIR/loss.png", ""),
     "bench": ("measure training throughput (images/s, step time, memory, MFU)", ""),
     "demo": ("train the small demo model on the bundled photographs and render a reconstruction", ""),
     "parity": ("compare the PyTorch and MindSpore backends on the same weights, images and masks", ""),
 }
 BACKENDS = ("torch", "mindspore")
+# Exit statuses (README "Command line"); 75 is backends.runs.PREEMPTED_EXIT_STATUS (EX_TEMPFAIL).
+EXIT_STATUS_HELP = ("exit status: 0 done; 2 a user error or a checkpoint that cannot be written (one line on "
+                    "stderr); 75 stopped by SIGTERM or SIGUSR1 after the current step, with a checkpoint "
+                    "written (run the same command again to resume); 130 interrupted (Ctrl-C)")
+# OS errors the environment causes (full disk, quota, read-only or forbidden folder): one line, no traceback.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 FRAMEWORK_PACKAGES = {"torch": ("torch", "torchvision", "timm"), "mindspore": ("mindspore",)}
 
 
@@ -144,11 +152,11 @@ def build_parser(selected: Optional[str] = None) -> argparse.ArgumentParser:
         prog="localmim",
         description="LocalMIM (Masked Image Modeling with Local Multi-Scale Reconstruction, CVPR 2023) "
                     "for PyTorch and MindSpore.",
-        epilog="Run 'localmim <command> --help' for a command's options.")
+        epilog=f"Run 'localmim <command> --help' for a command's options. {EXIT_STATUS_HELP}.")
     parser.add_argument("--version", action="version", version=f"localmim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
     for cmd, (help_text, _) in COMMANDS.items():
-        p = sub.add_parser(cmd, help=help_text, description=help_text)
+        p = sub.add_parser(cmd, help=help_text, description=help_text, epilog=f"{EXIT_STATUS_HELP}.")
         if cmd == selected:
             module = _command_module(cmd)
             if module is not None:
@@ -176,12 +184,21 @@ def _user_error_types() -> Tuple[type, ...]:
 
 
 def _is_user_error(e: BaseException) -> bool:
-    """Known input errors, plus the ValueError / FloatingPointError subclasses that localmim
-    defines (StateError, CheckpointError, the engines' non-finite-loss error, ...)."""
+    """Known input errors, the ValueError / FloatingPointError / OSError subclasses that localmim
+    defines (StateError, CheckpointError, the engines' non-finite-loss error, CheckpointWriteError,
+    ...) and OS errors of a full, read-only or forbidden folder."""
     if isinstance(e, _user_error_types()):
         return True
-    return (isinstance(e, (ValueError, FloatingPointError))
+    if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+        return True
+    return (isinstance(e, (ValueError, FloatingPointError, OSError))
             and type(e).__module__.startswith("localmim."))
+
+
+def _preemption_status(e: BaseException) -> Optional[int]:
+    """The exit status of a run stopped on request (backends.runs.Preempted), else None."""
+    from localmim.backends.runs import Preempted
+    return e.exit_status if isinstance(e, Preempted) else None
 
 
 def _one_line(e: BaseException) -> str:
@@ -212,6 +229,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"localmim {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - user errors become one line, the rest a traceback
+        status = _preemption_status(e)
+        if status is not None:
+            print(f"localmim {args.command}: {_one_line(e)}", file=sys.stderr)
+            return status
         if not _is_user_error(e):
             raise
         print(f"localmim {args.command}: {_one_line(e)}", file=sys.stderr)

@@ -3,14 +3,19 @@
     localmim visualize --checkpoint output/demo/checkpoint-300.pth --image cat.png --output rec.png
 
 The figure has a header row (original | masked input) and one row per branch, finest scale
-first: target | prediction. HOG cells are drawn with a colour code (hue = dominant edge
+first. HOG rows show target | prediction: cells are drawn with a colour code (hue = dominant edge
 orientation, brightness = how concentrated the histogram is) and, where cells are large enough,
 one orientation glyph per bin and colour channel (red, green, blue glyphs for the R, G, B
 histograms; a glyph is drawn along the edge, i.e. at the gradient angle + 90 degrees, its length
-proportional to the bin value). Pixel targets are un-patchified with each cell stretched to its own
-range. Cells that were visible to the encoder (not in the loss) are dimmed.
+proportional to the bin value); cells that were visible to the encoder (not in the loss) are
+dimmed. Pixel rows show the prediction as an image (de-normalised: norm_pix predictions with
+each cell's own mean and std taken from the original image, as MAE's figures do, then the
+ImageNet statistics undone) in the hidden patches, the visible ones grey | the same with the
+visible patches of the original pasted back, as MAE's figures do.
 
-The rendering (`render_reconstruction`) is pure numpy + PIL; only `run` needs a backend, through
+The rendering (`render_reconstruction`) is pure numpy + PIL; `model_figure` (a model's figure of
+one image), `visualize_checkpoint` / `run` and `training_figure` (the TensorBoard figure hook the
+engines hand to backends/loop.py) reach a backend through
 `localmim.backends.<fw>.inference.load_model / reconstruct`.
 """
 from __future__ import annotations
@@ -26,7 +31,7 @@ from localmim.core.files import write_atomically
 
 __all__ = [
     "add_arguments", "run", "visualize_checkpoint", "render_reconstruction", "render_hog",
-    "render_pixels", "masked_input", "load_image", "normalize_image", "backend_for_checkpoint",
+    "render_pixels", "denormalize_pixels", "paste_visible", "masked_input", "model_figure", "training_figure", "load_image", "normalize_image", "backend_for_checkpoint",
     "save_png", "unpatchify", "bin_angle", "VisualizeError", "IMAGENET_MEAN", "IMAGENET_STD",
 ]
 
@@ -221,16 +226,14 @@ def unpatchify(tokens: np.ndarray, grid: int, cell: int) -> np.ndarray:
 
 def render_pixels(tokens: np.ndarray, size: int, norm_pix: bool = True,
                   brightness: Optional[np.ndarray] = None) -> np.ndarray:
-    """One pixel-target panel: (L, 3*c*c) -> (size, size, 3) uint8.
+    """One pixel-target panel without the original image: (L, 3*c*c) -> (size, size, 3) uint8.
 
     norm_pix targets (and their predictions) have no absolute brightness, so each cell is stretched
     from its own min..max to 0..1; plain targets are un-normalised with the ImageNet statistics.
+    (With the original image at hand, `denormalize_pixels` gives norm_pix cells their true scale.)
     """
     t = np.asarray(tokens, dtype=np.float32)
-    g = _grid_of(t.shape[0], "pixel tokens")
-    cell = math.isqrt(t.shape[1] // 3)
-    if 3 * cell * cell != t.shape[1]:
-        raise ValueError(f"pixel tokens of width {t.shape[1]} are not 3 x c x c values")
+    g, cell = _pixel_grid(t)
     cells = t.reshape(g * g, cell * cell * 3)
     if norm_pix:
         lo, hi = cells.min(1, keepdims=True), cells.max(1, keepdims=True)
@@ -241,6 +244,54 @@ def render_pixels(tokens: np.ndarray, size: int, norm_pix: bool = True,
     if brightness is not None:
         img = img * _upsample(brightness, cell)[..., None]
     return _fit(img, size)
+
+
+def _pixel_grid(tokens: np.ndarray) -> Tuple[int, int]:
+    """(grid, cell) of (g*g, 3*c*c) pixel tokens."""
+    g = _grid_of(tokens.shape[0], "pixel tokens")
+    cell = math.isqrt(tokens.shape[1] // 3)
+    if 3 * cell * cell != tokens.shape[1]:
+        raise ValueError(f"pixel tokens of width {tokens.shape[1]} are not 3 x c x c values")
+    return g, cell
+
+
+def denormalize_pixels(tokens: np.ndarray, image: np.ndarray, norm_pix: bool) -> np.ndarray:
+    """Pixel tokens (predictions or targets) as an image: (L, 3*c*c) -> (S, S, 3) float in [0, 1].
+
+    image: the original (S, S, 3) uint8. norm_pix tokens are first scaled back with the mean and
+    the unbiased std (+1e-6 under the root, core.targets.normalize_pixels) of the same cell of the
+    ImageNet-normalised original; then the ImageNet normalisation is undone. A norm_pix target
+    comes back as the original image (to rounding).
+    """
+    t = np.asarray(tokens, dtype=np.float64)
+    g, cell = _pixel_grid(t)
+    if g * cell != image.shape[0]:
+        raise ValueError(f"{g}x{g} cells of {cell} px do not cover a {image.shape[0]}-px image")
+    if norm_pix:
+        ref = _patch_tokens(normalize_image(image)[0].transpose(1, 2, 0).astype(np.float64), cell)
+        mean = ref.mean(-1, keepdims=True)
+        std = np.sqrt(ref.var(-1, ddof=1, keepdims=True) + 1e-6)
+        t = t * std + mean
+    img = unpatchify(t.astype(np.float32), g, cell) * IMAGENET_STD + IMAGENET_MEAN
+    return np.clip(img, 0.0, 1.0)
+
+
+def _patch_tokens(img: np.ndarray, cell: int) -> np.ndarray:
+    """(S, S, 3) -> (g*g, cell*cell*3) in unpatchify's order (inverse of `unpatchify`)."""
+    g = img.shape[0] // cell
+    return img.reshape(g, cell, g, cell, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, cell * cell * 3)
+
+
+def paste_visible(recon: np.ndarray, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(S, S, 3) float [0, 1] reconstruction with the patches the encoder saw (mask (N,) on the
+    model's mask grid, 0 = visible) replaced by `image`'s pixels ((S, S, 3) uint8, or float in
+    [0, 1])."""
+    s = image.shape[0]
+    g = _grid_of(np.asarray(mask).size, "mask")
+    hidden = _upsample(np.asarray(mask, dtype=np.float32).reshape(g, g) > 0.5, s // g)
+    out = np.array(image, dtype=np.float32) / (255.0 if np.asarray(image).dtype == np.uint8 else 1.0)
+    out[hidden] = recon[hidden]
+    return out
 
 
 def _fit(img: np.ndarray, size: int) -> np.ndarray:
@@ -301,19 +352,25 @@ def render_reconstruction(image: np.ndarray, mask: np.ndarray, targets: Sequence
             raise ValueError(f"branch {k}: target {t.shape}, prediction {p.shape} and mask {m.shape} disagree")
         g = _grid_of(t.shape[0], f"branch {k}")
         light = _cell_brightness(m, g)
-        if kind == "hog":
-            tp = render_hog(t, nbins, panel, light), render_hog(p, nbins, panel, light)
-        else:
-            norm = bool(spec.target.norm_pix)
-            tp = render_pixels(t, panel, norm, light), render_pixels(p, panel, norm, light)
         b = branches[k] if k < len(branches) else None
         scale = f"scale {b.scale:g}, " if b is not None and getattr(spec, "family", "") == "vit" else ""
         name = f"branch {k} ({scale}{g}x{g} cells of {size // g}px)"
-        rows.append(((f"{name}: target", tp[0]), ("prediction", tp[1])))
+        if kind == "hog":
+            rows.append(((f"{name}: target", render_hog(t, nbins, panel, light)),
+                         ("prediction", render_hog(p, nbins, panel, light))))
+        else:
+            pred = denormalize_pixels(p, image, bool(spec.target.norm_pix))
+            grey = np.full_like(pred, MASK_GREY / 255.0)
+            rows.append(((f"{name}: prediction", _fit(paste_visible(pred, grey, mask), panel)),
+                         ("+ visible patches", _fit(paste_visible(pred, image, mask), panel))))
 
-    legend = ("HOG: hue = edge orientation, brightness = its strength; glyphs R/G/B per channel. "
-              if kind == "hog" else "pixels: each cell stretched to its own range. ")
-    legend += "Dimmed: visible to the encoder (not in the loss)."
+    if kind == "hog":
+        legend = ("HOG: hue = edge orientation, brightness = its strength; glyphs R/G/B per channel. "
+                  "Dimmed: visible to the encoder (not in the loss).")
+    else:
+        legend = ("Pixels" + (" (each cell at the original's mean and std)" if spec.target.norm_pix else "")
+                  + ": what the model predicts where it saw nothing; grey: patches the encoder saw (not "
+                  "in the loss).")
     width = 3 * MARGIN + 2 * panel
     height = MARGIN + len(rows) * (LABEL_H + panel + MARGIN) + 2 * LABEL_H
     fig = Image.new("RGB", (width, height), BACKGROUND)
@@ -372,6 +429,28 @@ def _mask_for(spec, seed: int, ratio: float):
     return vm, vm.mask[0]
 
 
+def model_figure(inference, model, spec, image: np.ndarray, seed: int = 0, mask_ratio: float = 0.75) -> np.ndarray:
+    """The reconstruction figure (H, W, 3) uint8 of `image` ((S, S, 3) uint8, S = spec.img_size)
+    under the mask of `seed`, from a backend's inference module and a model of it."""
+    mask_obj, grid_mask = _mask_for(spec, seed, mask_ratio)
+    out = inference.reconstruct(model, normalize_image(image), mask_obj)
+    return render_reconstruction(image, grid_mask, [t[0] for t in out["targets"]],
+                                 [p[0] for p in out["preds"]], [m[0] for m in out["masks"]], spec)
+
+
+def training_figure(backend: str, model, cfg):
+    """The figure hook of backends/loop.py for TensorBoard: step -> model_figure of the first image of
+    cfg.data.path (find_images order, centre crop) under the mask of train.seed, drawn from the
+    model as it is at that step."""
+    from localmim.backends.images import find_images
+    from localmim.tools.cli import import_backend_module
+
+    inference = import_backend_module(backend, "inference")
+    spec = model.spec
+    image = load_image(find_images(cfg.data.path)[0][0], spec.img_size)
+    return lambda step: model_figure(inference, model, spec, image, int(cfg.train.seed), float(cfg.mask.ratio))
+
+
 def visualize_checkpoint(checkpoint: str, image_path: str, output: str, seed: int = 0,
                          backend: str = "auto", mask_ratio: float = 0.75) -> str:
     """Load `checkpoint`, reconstruct `image_path` under a seeded mask, write the figure to `output`."""
@@ -384,11 +463,7 @@ def visualize_checkpoint(checkpoint: str, image_path: str, output: str, seed: in
     inference = import_backend_module(backend_for_checkpoint(checkpoint, backend), "inference")
     model, spec = inference.load_model(checkpoint)
     image = load_image(image_path, spec.img_size)
-    mask_obj, grid_mask = _mask_for(spec, seed, mask_ratio)
-    out = inference.reconstruct(model, normalize_image(image), mask_obj)
-    figure = render_reconstruction(image, grid_mask, [t[0] for t in out["targets"]],
-                                   [p[0] for p in out["preds"]], [m[0] for m in out["masks"]], spec)
-    return save_png(figure, output)
+    return save_png(model_figure(inference, model, spec, image, seed, mask_ratio), output)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

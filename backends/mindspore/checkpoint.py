@@ -20,7 +20,9 @@ bug):
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from typing import Dict, Iterable, List, Mapping, Tuple
 
@@ -80,20 +82,60 @@ def _flatten(payload: Mapping) -> Tuple[List[Dict], Dict]:
     return entries, extra
 
 
+class _Quiet(logging.Filter):
+    """Drops the MindSpore log lines that the one-sentence errors of this module replace:
+    "[CRITICAL] ... Failed to save the checkpoint file" (CheckpointWriteError names the real file)
+    and "[WARNING] ... the ckpt file do not contain the crc code" (CheckpointError says the file
+    is broken)."""
+
+    PHRASES = ("Failed to save the checkpoint file", "do not contain the crc code")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(p in str(record.msg) for p in self.PHRASES)
+
+
+@contextlib.contextmanager
+def _quiet_mindspore_log():
+    try:
+        from mindspore import log
+        logger = log._get_logger()  # private, hence the fallback: without it the lines are printed
+    except Exception:  # noqa: BLE001
+        logger = None
+    quiet = _Quiet()
+    if logger is not None:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        if logger is not None:
+            logger.removeFilter(quiet)
+
+
 def save_checkpoint(path: str, payload: Mapping) -> str:
     """Write `payload` (see module docstring) to `path` atomically.
 
     mindspore.save_checkpoint writes a temporary file beside `path` whose name ends in .ckpt, as
     MindSpore requires, and core.files.write_atomically moves it over `path`: a crash leaves the
-    old file or the new one, never half a file. Returns `path`.
+    old file or the new one, never half a file. A write that fails (full disk, quota, read-only or
+    unwritable folder) leaves no temporary file and raises runs.CheckpointWriteError: one sentence
+    naming `path`, the bytes needed and free. Returns `path`.
     """
     import mindspore as ms
     entries, extra = _flatten(payload)
 
     def write(tmp: str) -> None:
-        ms.save_checkpoint(entries, tmp, append_dict=extra, crc_check=True)
+        try:
+            ms.save_checkpoint(entries, tmp, append_dict=extra, crc_check=True)
+        finally:  # MindSpore writes <stem>.tmp first and renames it; a failed write leaves it behind
+            partial = os.path.splitext(tmp)[0] + ".tmp"
+            if os.path.lexists(partial):
+                os.remove(partial)
 
-    return write_atomically(path, write, suffix=EXT)
+    try:
+        with _quiet_mindspore_log():
+            return write_atomically(path, write, suffix=EXT)
+    except (OSError, RuntimeError) as e:
+        raise runs.write_failure(path, e, runs.array_bytes(payload)) from e
 
 
 def _to_numpy(value):
@@ -113,7 +155,8 @@ def load_checkpoint(path: str, require: Iterable[str] = CHECKPOINT_KEYS) -> Dict
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        raw = ms.load_checkpoint(path, crc_check=True)
+        with _quiet_mindspore_log():
+            raw = ms.load_checkpoint(path, crc_check=True)
     except Exception as e:  # MindSpore raises ValueError / RuntimeError / TypeError on bad files
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not a MindSpore checkpoint and "

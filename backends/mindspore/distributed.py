@@ -19,7 +19,7 @@ import numpy as np
 
 __all__ = [
     "select_device", "ascend_available", "launched_by_msrun", "init_distributed", "is_distributed",
-    "get_rank", "get_world_size", "is_main", "barrier", "all_reduce_mean", "cleanup",
+    "get_rank", "get_world_size", "is_main", "barrier", "any_rank", "all_reduce_mean", "cleanup",
 ]
 
 _STATE = {"initialized": False, "rank": 0, "world": 1}
@@ -126,6 +126,14 @@ def all_reduce_mean(values: np.ndarray) -> np.ndarray:
         _STATE["all_reduce"] = ops.AllReduce(ops.ReduceOp.SUM)
     out = _STATE["all_reduce"](ms.Tensor(values))
     return out.asnumpy().astype(np.float64) / _STATE["world"]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any rank: an all-reduce of one number (a SUM:
+    MindSpore's CPU AllReduce has no MAX). In one process: `flag`, no collective."""
+    if not is_distributed():
+        return bool(flag)
+    return bool(all_reduce_mean(np.array([1.0 if flag else 0.0], np.float32))[0] > 0)
 
 
 def barrier() -> None:

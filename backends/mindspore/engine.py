@@ -334,8 +334,12 @@ def _run(cfg, spec, rank: int, world: int, target: str) -> Dict:
     stepper = TrainStep(model, optimizer, accum=runs.accum_steps(cfg), scaler=make_loss_scaler(precision),
                         reducer=reducer, clip_grad=cfg.optim.clip_grad, use_jit=use_jit)
     loader, sampler = data_mod.build_pretrain_loader(cfg, spec, rank=rank, world=world, static_plans=use_jit)
+    figure = None  # rank 0's TensorBoard reconstruction figure (tools/visualize.py rendering)
+    if rank == 0 and cfg.train.tensorboard and cfg.train.tensorboard_images_every_epochs:
+        from localmim.tools.visualize import training_figure
+        figure = training_figure("mindspore", model, cfg)
     try:
         return loop.train(cfg, stepper, loader, sampler, ckpt, rank=rank, world=world, on_cpu=target == "CPU",
-                          barrier=dist_utils.barrier)
+                          barrier=dist_utils.barrier, any_rank=dist_utils.any_rank, figure=figure)
     finally:
         loader.close()

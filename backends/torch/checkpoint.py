@@ -33,19 +33,47 @@ checkpoint_name, list_checkpoints = _FILES.name, _FILES.list
 latest_checkpoint, prune_checkpoints = _FILES.latest, _FILES.prune
 
 
+class _RecordingFile:
+    """A binary file for torch.save that keeps the OSError of a failed write: torch's zip writer
+    reports it only as "RuntimeError: [enforce fail at inline_container.cc] unexpected pos ..."."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
 def save_checkpoint(path: str, payload: Mapping) -> str:
     """Write `payload` to `path` atomically (core.files.write_atomically).
 
     A crash at any point leaves either the old file or the complete new one, never half a file.
+    A write that fails (full disk, quota, read-only or unwritable folder) leaves no temporary file
+    and raises runs.CheckpointWriteError: one sentence naming `path`, the bytes needed and free.
     Returns `path`.
     """
     payload = dict(payload)
+    files = []
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object, as before: the zip's inner folder stays "archive"
-            torch.save(payload, f)
+            files.append(_RecordingFile(f))
+            torch.save(payload, files[-1])
 
-    return write_atomically(path, write)
+    try:
+        return write_atomically(path, write)
+    except OSError as e:
+        raise runs.write_failure(path, e, runs.array_bytes(payload)) from e
+    except RuntimeError as e:  # the zip writer's; the OSError behind it names the cause
+        cause = files[-1].error if files and files[-1].error is not None else e
+        raise runs.write_failure(path, cause, runs.array_bytes(payload)) from e
 
 
 def load_checkpoint(path: str, map_location="cpu", require: Iterable[str] = CHECKPOINT_KEYS) -> Dict:

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from localmim.backends import images
+from localmim.backends.loop import ignore_stop_signals
 from localmim.backends.images import (IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, find_images, load_rgb,
                                       random_resized_crop_params)
 
@@ -90,5 +91,6 @@ def build_pretrain_loader(cfg, spec, rank: int = 0, world: int = 1, pin_memory: 
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
         pin_memory=pin_memory, persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None)
+        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=ignore_stop_signals)  # a SIGTERM to the job must reach the main process only
     return loader, sampler

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 __all__ = [
     "init_distributed", "select_device", "is_distributed", "get_rank", "get_world_size", "is_main",
-    "barrier", "all_reduce_mean", "broadcast_object", "cleanup",
+    "barrier", "any_rank", "all_reduce_mean", "broadcast_object", "cleanup",
 ]
 
 
@@ -42,7 +42,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Tuple[i
     """Join the torchrun process group if there is one.
 
     Returns (rank, world_size, local_rank, device). Backend: NCCL on CUDA, gloo on CPU.
-    Calling it again after the group exists just returns the same values.
+    timeout_s (train.collective_timeout_s): how long a collective waits for a rank that is gone
+    before it fails (NCCL's watchdog then aborts the process). Calling it again after the group
+    exists just returns the same values.
     """
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -78,6 +80,18 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any rank: an all-reduce MAX of one number, on the
+    device for NCCL (one host sync), on the CPU for gloo. In one process: `flag`, no collective."""
+    if not is_distributed():
+        return bool(flag)
+    on_gpu = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    box = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

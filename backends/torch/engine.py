@@ -177,7 +177,7 @@ def run_pretrain(cfg) -> Dict:
     """
     spec = cfg.build_spec()
     was_initialized = dist_utils.is_distributed()
-    rank, world, local_rank, device = dist_utils.init_distributed(cfg.train.device)
+    rank, world, local_rank, device = dist_utils.init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
     try:
         return _run(cfg, spec, rank, world, device)
     finally:
@@ -198,5 +198,9 @@ def _run(cfg, spec, rank: int, world: int, device: torch.device) -> Dict:
                         clip_grad=cfg.optim.clip_grad, compile=bool(cfg.train.compile))
     loader, sampler = data_mod.build_pretrain_loader(cfg, spec, rank=rank, world=world,
                                                      pin_memory=device.type == "cuda")
+    figure = None  # rank 0's TensorBoard reconstruction figure (tools/visualize.py rendering)
+    if rank == 0 and cfg.train.tensorboard and cfg.train.tensorboard_images_every_epochs:
+        from localmim.tools.visualize import training_figure
+        figure = training_figure("torch", model, cfg)
     return loop.train(cfg, stepper, loader, sampler, ckpt, rank=rank, world=world, on_cpu=device.type == "cpu",
-                      barrier=dist_utils.barrier)
+                      barrier=dist_utils.barrier, any_rank=dist_utils.any_rank, figure=figure)

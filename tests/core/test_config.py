@@ -59,10 +59,10 @@ def test_paper_recipes_match_the_reference(name):
 
 def test_demo_configs_are_cpu_sized():
     vit = load_config("demo_vit")
-    assert (vit.model.name, vit.target.kind, vit.target.nbins) == ("vit_demo", "hog", 9)
-    assert (vit.data.batch_size, vit.data.num_workers, vit.train.precision) == (16, 2, "fp32")
+    assert (vit.model.name, vit.target.kind, vit.target.norm_pix) == ("vit_mini", "pixel", False)
+    assert (vit.data.batch_size, vit.data.num_workers, vit.train.precision) == (16, 1, "fp32")
     assert vit.train.max_steps == 300 and vit.train.save_every_steps == 100 and vit.train.log_every == 10
-    assert vit.build_spec().img_size == 64
+    assert vit.build_spec().img_size == 96 and vit.train.tensorboard is False
     swin = load_config("demo_swin")
     assert isinstance(swin.build_spec(), SwinSpec) and swin.model.name == "swin_demo"
 
@@ -171,11 +171,11 @@ def test_empty_file_gives_defaults_and_floats_written_without_dot_parse(tmp_path
 # ---------------------------------------------------------------------------- overrides
 
 def test_overrides_are_parsed_as_yaml_and_validated():
-    cfg = load_config("demo_vit", ["optim.blr=1e-4", "model.taps=[0,2,5,7]", "optim.clip_grad=1.5",
+    cfg = load_config("demo_vit", ["optim.blr=1e-4", "model.taps=[0,2,3,5]", "optim.clip_grad=1.5",
                                    "train.max_steps=null", "data.path=/tmp/images"])
-    assert cfg.optim.blr == 1e-4 and cfg.model.taps == [0, 2, 5, 7] and cfg.optim.clip_grad == 1.5
+    assert cfg.optim.blr == 1e-4 and cfg.model.taps == [0, 2, 3, 5] and cfg.optim.clip_grad == 1.5
     assert cfg.train.max_steps is None and cfg.data.path == "/tmp/images"
-    assert cfg.build_spec().taps == (0, 2, 5, 7)
+    assert cfg.build_spec().taps == (0, 2, 3, 5)
     assert parse_override("model.taps=[1, 3]") == ("model.taps", [1, 3])
     assert parse_override("train.seed=7") == ("train.seed", 7)
 

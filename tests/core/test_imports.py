@@ -2,13 +2,15 @@
 import subprocess
 import sys
 
-CORE_MODULES = ["config", "files", "keymaps", "layouts", "masking", "param_groups", "pos_embed", "schedule", "specs",
-                "state", "swin_plan", "targets"]
+CORE_MODULES = ["config", "files", "keymaps", "layouts", "masking", "param_groups", "pos_embed", "resample",
+                "schedule", "specs", "state", "swin_plan", "targets"]
 
 
 def test_core_and_shared_modules_import_no_framework():
     imports = [f"localmim.core.{m}" for m in CORE_MODULES] + [
-        "localmim.backends.images", "localmim.backends.loop", "localmim.backends.runs", "localmim.tools.cli"]
+        "localmim.backends.images", "localmim.backends.loop", "localmim.backends.runs", "localmim.backends.tensorboard",
+        "localmim.backends.weights",
+        "localmim.tools.cli", "localmim.tools.heldout"]
     code = (f"import importlib, sys\nfor m in {imports!r}: importlib.import_module(m)\n"
             "loaded = [f for f in ('torch', 'mindspore', 'timm', 'torchvision') if f in sys.modules]\n"
             "assert not loaded, loaded\n")

@@ -2,9 +2,11 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -89,3 +91,44 @@ def test_msrun_two_cpu_workers_end_with_identical_weights(tmp_path):
     assert [r["step"] for r in log] == [1, 2]
     # images_per_s counts both ranks: batch 4 x 2 workers per step
     assert all(r["images_per_s"] > 0 and np.isfinite(r["loss"]) for r in log)
+
+
+def test_msrun_ranks_stop_at_one_step_on_sigterm(tmp_path):
+    """SIGTERM to rank 1 only: both ranks agree (an all-reduce after every step on CPU) to stop
+    after the same step; rank 0 writes that step's checkpoint and both exit with 75."""
+    bindir = os.path.dirname(sys.executable)
+    msrun = shutil.which("msrun", path=bindir) or shutil.which("msrun")
+    if msrun is None:
+        pytest.skip("msrun is not installed next to this Python")
+    data_dir, out, weights, logs, pids = (tmp_path / n for n in ("data", "out", "weights", "logs", "pids"))
+    for folder in (data_dir, pids):
+        os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(data_dir / f"i{i:02d}.png")
+    env = dict(os.environ, LOCALMIM_TEST_PIDS=str(pids))
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    cmd = [msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}",
+           f"--log_dir={logs}", "--join=True", "--cluster_time_out=120",
+           WORKER, str(data_dir), str(out), str(weights), "40"]
+    with open(tmp_path / "msrun.err", "w") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=str(tmp_path))
+    deadline = time.monotonic() + 400
+
+    def steps():
+        path = out / "log.jsonl"
+        return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")] \
+            if path.exists() else []
+
+    while not (len(steps()) >= 2 and (pids / "rank1.pid").exists()):
+        assert proc.poll() is None and time.monotonic() < deadline, "msrun ended or stalled before two steps"
+        time.sleep(0.05)
+    os.kill(int((pids / "rank1.pid").read_text()), signal.SIGTERM)
+    proc.wait(timeout=300)
+    assert proc.returncode != 0                                    # msrun reports its workers' status
+    stopped = [int((pids / f"rank{r}.stopped").read_text()) for r in (0, 1)]
+    step = stopped[0]
+    assert stopped == [step, step] and 2 <= step < 40
+    assert sorted(os.listdir(out)) == [f"checkpoint-{step}.ckpt", "config.yaml", "log.jsonl"]
+    assert ckpt.load_checkpoint(str(out / f"checkpoint-{step}.ckpt"))["step"] == step
+    assert steps()[-1] == step

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from localmim.backends import runs
 from localmim.core import masking
 from localmim.core import targets as core_targets
 from localmim.core.config import config_to_dict, load_config
 from localmim.core.specs import get_spec
 from localmim.tools import cli
 
-SIX = ("pretrain", "finetune", "convert", "visualize", "bench", "demo")
+LISTED = ("pretrain", "finetune", "convert", "visualize", "plot", "bench", "demo")
 
 
 def run_cli(capsys, *argv):
@@ -35,12 +36,12 @@ def one_line(err):
 
 # ---------------------------------------------------------------------------- parser
 
-def test_help_lists_all_six_commands(capsys):
+def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for cmd in SIX:
+    for cmd in LISTED:
         assert f"    {cmd}" in out
 
 
@@ -153,11 +154,11 @@ def test_pretrain_applies_flags_and_overrides(capsys, fake_engine, image_folder,
     data = image_folder()
     out_dir = str(tmp_path / "run")
     code, out, err = run_cli(capsys, "pretrain", "--config", "demo_vit", "--data", data, "--output", out_dir,
-                             "--max-steps", "30", "--device", "cpu", "optim.blr=1e-3", "model.taps=[0,2,5,7]")
+                             "--max-steps", "30", "--device", "cpu", "optim.blr=1e-3", "model.taps=[0,2,3,5]")
     assert code == 0, err
     (cfg,) = fake_engine
     assert (cfg.data.path, cfg.train.output_dir, cfg.train.max_steps, cfg.train.device) == (data, out_dir, 30, "cpu")
-    assert cfg.optim.blr == 1e-3 and cfg.model.taps == [0, 2, 5, 7]
+    assert cfg.optim.blr == 1e-3 and cfg.model.taps == [0, 2, 3, 5]
     assert "localmim pretrain: done (step 30, loss 0.3" in out
 
 
@@ -168,43 +169,78 @@ def test_pretrain_without_data_uses_the_sample_photographs(capsys, fake_engine, 
     assert fake_engine[0].data.path == sample_dir
 
 
-def test_demo_trains_reports_the_loss_and_draws(capsys, fake_engine, image_folder, monkeypatch, tmp_path):
-    """demo wiring with stand-in engine and inference (the real ones are tested by their owners)."""
+def _stand_in_inference(monkeypatch, spec, expect_checkpoint="checkpoint-30.pth"):
+    """A localmim.backends.torch.inference whose model predicts half of each core target."""
     def load_model(path):
-        assert path.endswith("checkpoint-30.pth")
-        return "model", get_spec("vit_demo")
+        assert path.endswith(expect_checkpoint)
+        return "model", spec
 
     def reconstruct(model, images, mask):
-        spec = get_spec("vit_demo")
-        assert images.shape == (1, 3, 64, 64) and mask.mask.shape == (1, spec.num_patches)
+        assert images.shape[1:] == (3, spec.img_size, spec.img_size) and mask.mask.shape == (len(images), spec.num_patches)
         branches = spec.branches()
-        tg = core_targets.hog_targets(images, [b.cell for b in branches], 9)
+        tg = core_targets.pixel_targets(images, [b.cell for b in branches], spec.target.norm_pix)
         return {"targets": tg, "preds": [t * 0.5 for t in tg],
                 "masks": core_targets.scale_masks(mask.mask, spec.grid, [b.scale for b in branches])}
 
     inference = types.ModuleType("localmim.backends.torch.inference")
     inference.load_model, inference.reconstruct = load_model, reconstruct
     monkeypatch.setitem(sys.modules, "localmim.backends.torch.inference", inference)
+
+
+def test_demo_trains_reports_the_loss_and_draws(capsys, fake_engine, sample_dir, monkeypatch, tmp_path):
+    """demo wiring with stand-in engine and inference (the real ones are tested by their owners):
+    it trains on the sample photographs less the held-out ones, draws a held-out photograph and
+    the loss plot, and ends with the held-out loss against the mean."""
+    from localmim.tools import heldout
+
+    monkeypatch.setenv("LOCALMIM_CACHE", os.path.dirname(sample_dir))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec = load_config("demo_vit").build_spec()
+    _stand_in_inference(monkeypatch, spec)
     out_dir = tmp_path / "demo"
-    code, out, err = run_cli(capsys, "demo", "--output", str(out_dir), "--data", image_folder(), "--max-steps", "30")
+    code, out, err = run_cli(capsys, "demo", "--output", str(out_dir), "--max-steps", "30")
     assert code == 0, err
-    assert fake_engine[0].model.name == "vit_demo" and fake_engine[0].train.max_steps == 30
+    (cfg,) = fake_engine
+    assert cfg.model.name == spec.name and cfg.train.max_steps == 30 and cfg.target.kind == "pixel"
+    train, held = heldout.split_sample_images(sample_dir)
+    assert cfg.data.path == train and len(os.listdir(train)) == 98 and len(held) == 28
     assert "loss: 0.9000 at step 10 -> 0.3000 at step 30 (falling)" in out
     png = out_dir / "reconstruction.png"
-    assert f"reconstruction: {png}" in out
+    assert f"reconstruction of coffee.png (held out): {png}" in out
     with Image.open(png) as im:
-        assert im.mode == "RGB" and im.size[0] == 3 * 8 + 2 * 256
+        assert im.mode == "RGB" and im.size[0] == 3 * 8 + 2 * spec.img_size * -(-256 // spec.img_size)
+    assert f"loss plot: {out_dir / 'loss.png'}" in out
+    # predicting half of every target: a quarter of the targets' mean square, against the mean
+    inference = sys.modules["localmim.backends.torch.inference"]
+    want = heldout.evaluate_images(inference, "model", spec, held, seed=0, ratio=0.75)
+    assert out.strip().splitlines()[-1] == want.line()
+    assert want.model_total < want.mean_total
+
+
+def test_demo_target_option_and_thread_count(capsys, fake_engine, image_folder, sample_dir, monkeypatch, tmp_path):
+    from localmim.tools import demo
+
+    monkeypatch.setenv("LOCALMIM_CACHE", os.path.dirname(sample_dir))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(demo, "_drawing_unavailable", lambda backend: "no drawing in this test")
+    data = image_folder()
+    code, out, err = run_cli(capsys, "demo", "--target", "hog", "--data", data, "--output", str(tmp_path / "h"))
+    assert code == 0, err
+    assert fake_engine[0].target.kind == "hog" and fake_engine[0].data.path == data
+    assert "(28 held-out images)" in out                 # --data DIR: measured on the bundled held-out photos
+    assert (demo.compute_threads(1, cores=2), demo.compute_threads(2, cores=2), demo.compute_threads(2, cores=16)) \
+        == (1, 1, 14)
 
 
 # ---------------------------------------------------------------------------- visualize, real backend
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    """A real PyTorch training checkpoint (model + config) of vit_tiny_test (32 px)."""
+@pytest.fixture(params=["hog", "pixel"])
+def tiny_checkpoint(tmp_path, request):
+    """A real PyTorch training checkpoint (model + config) of vit_tiny_test (32 px), HOG or pixel targets."""
     torch = pytest.importorskip("torch")
     backend = pytest.importorskip("localmim.backends.torch")
     pytest.importorskip("localmim.backends.torch.inference")
-    cfg = load_config("demo_vit", ["model.name=vit_tiny_test"])
+    cfg = load_config("demo_vit", ["model.name=vit_tiny_test", f"target.kind={request.param}"])
     torch.manual_seed(0)
     model = backend.build_model(cfg.build_spec())
     path = tmp_path / "checkpoint-1.pth"
@@ -227,6 +263,31 @@ def test_visualize_with_a_real_torch_checkpoint(capsys, tiny_checkpoint, sample_
     grey = fig[top:top + panel, left:left + panel].reshape(4, 64, 4, 64, 3).transpose(0, 2, 1, 3, 4)
     is_grey = (grey == 96).all(axis=(2, 3, 4))
     np.testing.assert_array_equal(is_grey, mask > 0.5)
+
+
+def test_torch_pretrain_writes_tensorboard_scalars_and_the_figure(capsys, image_folder, tmp_path):
+    """The real torch engine with train.tensorboard: the event file holds log.jsonl's scalars and
+    the engine's reconstruction figure (tools.visualize.training_figure) at the end of each epoch."""
+    pytest.importorskip("torch")
+    pytest.importorskip("localmim.backends.torch.engine")
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "pretrain", "--config", "demo_vit", "--data", image_folder(n=4), "--output",
+                           str(out), "model.name=vit_tiny_test", "data.batch_size=2", "data.num_workers=0",
+                           "train.max_steps=3", "train.log_every=1", "train.tensorboard=true",
+                           "train.tensorboard_images_every_epochs=1", "train.progress=false")
+    assert code == 0, err
+    with open(out / "log.jsonl") as f:
+        log = [json.loads(line) for line in f]
+    acc = ea.EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    for key in ("loss", "loss_b0", "loss_b3", "lr", "images_per_s"):
+        assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in acc.Scalars(key)] == \
+            [(r["step"], r[key]) for r in log], key
+    images = acc.Images("reconstruction")                           # 2 steps an epoch: after steps 2 and 3
+    assert [i.step for i in images] == [2, 3]
+    panel = 32 * 8
+    assert (images[0].width, images[0].height) == (3 * 8 + 2 * panel, 8 + 5 * (14 + panel + 8) + 28)
 
 
 def test_visualize_bad_image_is_one_line(capsys, tiny_checkpoint, tmp_path):
@@ -264,7 +325,10 @@ def test_visualize_a_real_swin_checkpoint(capsys, sample_dir, tmp_path):
     np.testing.assert_array_equal((blocks == 96).all(axis=(2, 3, 4)), cells)
 
 
-def test_demo_without_a_drawing_backend_still_trains(capsys, fake_engine, image_folder, monkeypatch, tmp_path):
+def test_demo_without_a_drawing_backend_still_trains(capsys, fake_engine, image_folder, sample_dir, monkeypatch,
+                                                     tmp_path):
+    monkeypatch.setenv("LOCALMIM_CACHE", os.path.dirname(sample_dir))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     real = cli.importlib.import_module
 
     def fake(name, *a):
@@ -278,3 +342,31 @@ def test_demo_without_a_drawing_backend_still_trains(capsys, fake_engine, image_
     assert "training only, no reconstruction figure: backend 'torch' is not built yet" in out
     assert "loss: 0.9000 at step 10 -> 0.3000 at step 30 (falling)" in out
     assert len(fake_engine) == 1 and not (tmp_path / "d" / "reconstruction.png").exists()
+
+
+STOPS = {  # what the engine raises -> the exit status and the one line on stderr
+    "preempted": (lambda: runs.Preempted("SIGUSR1", 12, 300, "out/checkpoint-12.pth"), 75,
+                  "localmim pretrain: stopped by SIGUSR1 after step 12 of 300 and wrote out/checkpoint-12.pth; "
+                  "run the same command again to resume"),
+    "full-disk": (lambda: OSError(28, "No space left on device"), 2,
+                  "localmim pretrain: [Errno 28] No space left on device"),
+    "read-only": (lambda: OSError(30, "Read-only file system", "out/log.jsonl"), 2,
+                  "localmim pretrain: Read-only file system: out/log.jsonl"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STOPS))
+def test_a_stopped_run_and_a_full_or_read_only_disk_are_one_line(capsys, monkeypatch, image_folder, tmp_path, kind):
+    """The exit status of a run stopped by a signal (75, README "Long runs") and the environment's
+    OS errors (2), each one line on stderr."""
+    raised, code, line = STOPS[kind]
+
+    def run_pretrain(cfg):
+        raise raised()
+
+    module = types.ModuleType("localmim.backends.torch.engine")
+    module.run_pretrain = run_pretrain
+    monkeypatch.setitem(sys.modules, "localmim.backends.torch.engine", module)
+    got, out, err = run_cli(capsys, "pretrain", "--config", "demo_vit", "--data", image_folder(),
+                            "--output", str(tmp_path / "run"))
+    assert got == code and one_line(err) == line

@@ -221,3 +221,47 @@ def test_sample_image_dir_uses_env_cache(monkeypatch, tmp_path, sample_dir):
     (cache / "sample_images.complete").write_text("1")
     monkeypatch.setenv("LOCALMIM_CACHE", str(cache))
     assert sample_image_dir() == str(cache / "sample_images")
+
+
+def test_pixel_predictions_come_back_as_images_with_the_visible_patches_pasted():
+    """norm_pix and plain targets de-normalise to the original image; the pixel rows show the
+    prediction in the hidden patches (grey elsewhere) and the original pasted in the visible ones."""
+    spec = get_spec("swin_tiny_test")                                      # 64 px, 4x4 mask cells of 16 px
+    image, _, _, _, _ = _hog_inputs(get_spec("vit_tiny_test", img_size=64))
+    x = vis.normalize_image(image)
+    for norm in (True, False):
+        (t,) = core_targets.pixel_targets(x, [8], norm)
+        back = vis.denormalize_pixels(t[0], image, norm) * 255.0
+        assert np.abs(back - image).max() < 0.6                            # the original, to rounding
+    # a norm_pix prediction of 0 is each cell's mean over its 3 x 8 x 8 normalised values, in every channel
+    (t,) = core_targets.pixel_targets(x, [8], True)
+    flat = vis.denormalize_pixels(np.zeros_like(t[0]), image, True)
+    cell_means = x[0].reshape(3, 8, 8, 8, 8).mean(axis=(0, 2, 4))[..., None]        # (8, 8, 1)
+    want = np.clip(cell_means * vis.IMAGENET_STD + vis.IMAGENET_MEAN, 0, 1)
+    np.testing.assert_allclose(flat[::8, ::8], want, atol=1e-5)
+    np.testing.assert_allclose(flat[3::8, 5::8], want, atol=1e-5)                  # the same in the whole cell
+    # paste_visible: 0 = visible -> original, 1 = hidden -> reconstruction
+    mask = np.zeros(16, np.float32)
+    mask[[0, 5, 15]] = 1.0
+    recon = np.full((64, 64, 3), 0.25, np.float32)
+    pasted = vis.paste_visible(recon, image, mask)
+    hidden = np.kron(mask.reshape(4, 4), np.ones((16, 16))) > 0.5
+    np.testing.assert_array_equal(pasted[hidden], 0.25)
+    np.testing.assert_allclose(pasted[~hidden], image[~hidden] / 255.0)
+    # in the figure: branch rows are prediction (grey where visible) | prediction + visible patches
+    branches = spec.branches()
+    tg = [t[0] for t in core_targets.pixel_targets(x, [b.cell for b in branches], True)]
+    preds = [np.zeros_like(t) for t in tg]                                 # predicts each cell's mean
+    masks = [np.repeat(np.repeat(mask.reshape(4, 4), b.grid // 4, 0), b.grid // 4, 1).reshape(-1) for b in branches]
+    fig = vis.render_reconstruction(image, mask, tg, preds, masks, spec)
+    hidden_px = np.kron(hidden, np.ones((4, 4))) > 0.5                      # panels are 4x the 64-px image
+    for row in range(1, 5):
+        left, right = _crop(fig, _panel_box(spec, row, 0)), _crop(fig, _panel_box(spec, row, 1))
+        assert (left[~hidden_px] == vis.MASK_GREY).all()
+        np.testing.assert_array_equal(right[~hidden_px][:, :], np.repeat(np.repeat(image, 4, 0), 4, 1)[~hidden_px])
+        np.testing.assert_array_equal(left[hidden_px], right[hidden_px])
+    # branch 0: hidden cell (0, 0) is flat at the mean of that cell's normalised values
+    c0 = branches[0].cell
+    cell = _crop(fig, _panel_box(spec, 1, 1))[:4 * c0, :4 * c0]           # 4x upscaled
+    colour = np.clip(x[0, :, :c0, :c0].mean() * vis.IMAGENET_STD + vis.IMAGENET_MEAN, 0, 1) * 255.0
+    np.testing.assert_allclose(cell, np.broadcast_to(colour, cell.shape), atol=0.51)

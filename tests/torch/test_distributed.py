@@ -1,9 +1,11 @@
 """Distributed helpers and a 2-process DDP run (gloo, CPU) against one process on the global batch."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -94,15 +96,21 @@ def _write_images(image_dir, n=16):
     return str(image_dir)
 
 
-def _torchrun(tmp_path, cfg_dict, out):
-    """Run ddp_worker.py on 2 gloo ranks; returns (rank0 state, rank1 state), asserted identical."""
+def _torchrun_command(tmp_path, cfg_dict, out, **env_extra):
+    """(argv, env) of torchrun running ddp_worker.py on 2 gloo ranks."""
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(cfg_dict))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env_extra)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", WORKER, str(cfg_path), str(out)]
+    return cmd, env
+
+
+def _torchrun(tmp_path, cfg_dict, out):
+    """Run ddp_worker.py on 2 gloo ranks; returns (rank0 state, rank1 state), asserted identical."""
+    cmd, env = _torchrun_command(tmp_path, cfg_dict, out)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rank0 = torch.load(out / "rank0.pt", weights_only=True)
@@ -167,3 +175,58 @@ def test_ddp_two_ranks_match_one_process_on_the_global_batch(tmp_path):
             assert (a[n:2 * n] - b[n:2 * n]).abs().max().item() <= 2 * lr_sum, k
             a[n:2 * n] = b[n:2 * n]
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=k)
+
+
+def _wait_for(condition, proc, what, timeout=180.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"torchrun ended ({proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.05)
+
+
+def _logged_steps(out):
+    if not (out / "log.jsonl").exists():
+        return []
+    return [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines() if line.endswith("}")]
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_ranks_stop_at_one_step_on_sigterm_and_a_dead_rank_ends_the_job(tmp_path):
+    """SIGTERM to rank 1 only: both ranks stop after the same step, rank 0 writes its checkpoint,
+    both exit with 75. Resumed, then rank 1 killed: torchrun ends the job within seconds (gloo's
+    closed connection, torchrun's own monitor) and the checkpoint stays intact."""
+    out, pids = tmp_path / "out", tmp_path / "pids"
+    out.mkdir()
+    pids.mkdir()
+    cfg_dict = _config_dict(_write_images(tmp_path / "imgs"), str(out))
+    cfg_dict["optim"]["accum_iter"] = 1
+    cfg_dict["train"]["max_steps"] = 40
+    cmd, env = _torchrun_command(tmp_path, cfg_dict, out, LOCALMIM_TEST_PIDS=str(pids))
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "run1.err", "w"))
+    _wait_for(lambda: len(_logged_steps(out)) >= 2 and (pids / "rank1.pid").exists(), proc, "two steps")
+    os.kill(int((pids / "rank1.pid").read_text()), signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0                                    # torchrun reports its workers' status
+    stopped = [int((pids / f"rank{r}.stopped").read_text()) for r in (0, 1)]
+    step = stopped[0]
+    assert stopped == [step, step] and 2 <= step < 40              # one step for both ranks
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{step}.pth"]
+    assert torch.load(out / f"checkpoint-{step}.pth", weights_only=True)["step"] == step
+    assert _logged_steps(out)[-1] == step
+
+    for f in pids.iterdir():
+        f.unlink()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "run2.err", "w"))
+    _wait_for(lambda: any(s > step + 1 for s in _logged_steps(out)) and (pids / "rank1.pid").exists(), proc,
+              "the resumed run's steps")
+    killed = time.monotonic()
+    os.kill(int((pids / "rank1.pid").read_text()), signal.SIGKILL)
+    proc.wait(timeout=120)
+    ended = time.monotonic() - killed
+    assert proc.returncode != 0 and ended < 60, ended
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint-", ".tmp-"))) == \
+        [f"checkpoint-{step}.pth"]
+    assert torch.load(out / f"checkpoint-{step}.pth", weights_only=True)["step"] == step

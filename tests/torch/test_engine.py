@@ -216,7 +216,10 @@ def test_checkpoint_for_another_model_names_the_keys(image_dir, tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"checkpoint-99.pth does not fit.*norm.0.bias.*qkv"):
         inference.load_model(bad)
     with pytest.raises(ckpt.CheckpointError, match="checkpoint-99.pth"):
-        engine.run_pretrain(_cfg(image_dir, tmp_path / "other", steps=5))
+        engine.run_pretrain(_cfg(image_dir, tmp_path / "other", steps=5, resume="latest"))
+    with pytest.warns(RuntimeWarning, match=r"checkpoint-99.pth does not fit.*moved to .*checkpoint-99.pth.broken "
+                                            r"and the run resumes from .*checkpoint-1.pth"):
+        assert engine.run_pretrain(_cfg(image_dir, tmp_path / "other", steps=2))["step"] == 2  # latest_valid
 
 
 def test_swin_pretraining_runs_resumes_and_reconstructs(tmp_path):
