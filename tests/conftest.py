@@ -90,6 +90,20 @@ def make_images(batch, size, seed=0):
     return (base + noise).astype(np.float32)
 
 
+def eight_bit_images(seed, batch=2, size=32):
+    """Photograph-like inputs, (B, 3, S, S) float32: random pixels from four 8-bit levels, every
+    fifth row constant, normalised like the data pipeline. Many pixels then have a gradient that
+    is exactly zero (equal neighbours, or top and bottom rows that cancel), the case where a
+    framework convolution leaves +-1 ulp residues of either sign (about 10% of them here)."""
+    from localmim.core.targets import IMAGENET_MEAN, IMAGENET_STD
+    rng = np.random.default_rng(seed)
+    v = rng.choice(np.array([0, 64, 128, 255], np.float32), size=(batch, 3, size, size))
+    v[:, :, ::5, :] = rng.choice(np.array([0, 64, 128, 255], np.float32), size=(batch, 3, 1, 1))
+    mean = np.array(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
+    std = np.array(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
+    return ((v / np.float32(255.0) - mean) / std).astype(np.float32)
+
+
 def make_mask(spec, batch, ratio=0.75, step=0):
     """A core.masking.VitMask for `spec`'s patch grid."""
     return masking.vit_mask(masking.mask_rng(0, 0, step, 0), batch, spec.num_patches, ratio)
@@ -122,8 +136,8 @@ def mask_tensors():
 @pytest.fixture(scope="module")
 def h(mask_tensors):
     """The helper functions above as one fixture (tests do not import `conftest` by name)."""
-    return types.SimpleNamespace(make_images=make_images, make_mask=make_mask, mask_tensors=mask_tensors,
-                                 rel_err=rel_err, to_numpy=to_numpy)
+    return types.SimpleNamespace(make_images=make_images, eight_bit_images=eight_bit_images, make_mask=make_mask,
+                                 mask_tensors=mask_tensors, rel_err=rel_err, to_numpy=to_numpy)
 
 
 # ---------------------------------------------------------------------------------------- fault runs

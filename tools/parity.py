@@ -3,11 +3,11 @@
 For the same canonical weights, images and core masks (float32, CPU) it measures the worst
 relative error of every quantity the parity contract names (docs/method.md#parity-contract):
 encoder taps, per-branch predictions, targets, per-branch and total loss, the gradient of every
-parameter, parameters after several AdamW steps with the core's groups and schedule, and a
-training-loss curve. The forward quantities and gradients are measured on two kinds of images:
-smooth Gaussian noise and real photographs (by default the four scikit-image photographs
-astronaut, coffee, chelsea and rocket that `tools.sample_images` writes; `--images DIR` takes a
-user's own). Photographs matter for HOG targets: 8-bit images have many pixels whose gradient is
+parameter, parameters after several AdamW steps of each engine's own step object (TrainStep,
+with the core's groups and schedule), and a training-loss curve. The forward quantities and
+gradients are measured on two kinds of images: smooth Gaussian noise and real photographs (by
+default the four scikit-image photographs astronaut, coffee, chelsea and rocket that
+`tools.sample_images` writes; `--images DIR` takes a user's own). Photographs matter for HOG targets: 8-bit images have many pixels whose gradient is
 exactly zero, where a backend that computed it inexactly would put the pixel into another bin
 (docs/method.md#zero-and-bin-edge-gradients). For HOG targets the share of target cells that
 differ by more than 1e-4 is reported per branch (scale), next to the value error over all cells.
@@ -25,7 +25,6 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from localmim.core import masking
-from localmim.core.param_groups import is_frozen_name, pretrain_param_groups
 from localmim.core.schedule import lr_for_step
 from localmim.core.specs import TargetSpec, get_spec
 from localmim.core.swin_plan import build_swin_plan
@@ -190,19 +189,17 @@ class TorchSide:
         self._loss(inputs).backward()
         return {n: p.grad.numpy().copy() for n, p in self.params.items()}
 
-    def make_optimizer(self, groups, lr, betas, eps, compile=False):
-        opt_groups = [{"params": [self.params[n] for n in g["params"]], "weight_decay": g["weight_decay"]}
-                      for g in groups]
-        self.optimizer = self.torch.optim.AdamW(opt_groups, lr=lr, betas=tuple(betas), eps=eps)
+    def make_stepper(self, cfg, compile=False):
+        """The engine's own optimizer and step object (backends/torch/engine.py), fp32 on the CPU."""
+        from localmim.backends.torch import engine
+        optimizer = engine.build_optimizer(self.model, cfg)
+        self.stepper = engine.TrainStep(self.model, optimizer, accum=1, precision="fp32",
+                                        device=self.torch.device("cpu"), compile=False)
 
     def train_step(self, inputs: Inputs, lr: float) -> float:
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss(inputs)
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
+        self.stepper.set_lr(lr)
+        self.stepper.micro({"images": self._t(inputs.images), "masks": self._t(inputs.masks)})
+        return float(self.stepper.gather([self.stepper.apply()])[0, 0])
 
     def state(self):
         return self.model.export_state()
@@ -248,28 +245,18 @@ class MindSporeSide:
         _, grads = grad_fn(self._t(inputs.images), self._t(inputs.masks))
         return {n: g.asnumpy() for n, g in zip(names, grads)}
 
-    def make_optimizer(self, groups, lr, betas, eps, compile=False):
-        from localmim.backends.mindspore.engine import LocalAdamW as AdamW
-        opt_groups = [{"params": [self.params[n] for n in g["params"]], "weight_decay": g["weight_decay"]}
-                      for g in groups]
-        self.optimizer = AdamW(opt_groups, lr=lr, betas=tuple(betas), eps=eps)
-        grad_fn = self.ms.value_and_grad(self._loss_fn, None, self.optimizer.parameters)
-        optimizer = self.optimizer
-
-        def step(imgs, masks):
-            loss, grads = grad_fn(imgs, masks)
-            optimizer(grads)
-            return loss
-
-        self._step = self.ms.jit(step) if compile and self.spec.family == "vit" else step
+    def make_stepper(self, cfg, compile=False):
+        """The engine's own optimizer and step object (backends/mindspore/engine.py), fp32; ms.jit
+        when `compile` asks for it (ViT only: Swin plans change shape every step)."""
+        from localmim.backends.mindspore import engine
+        optimizer = engine.build_optimizer(self.model, cfg)
+        self.stepper = engine.TrainStep(self.model, optimizer, accum=1,
+                                        use_jit=bool(compile and self.spec.family == "vit"))
 
     def train_step(self, inputs: Inputs, lr: float) -> float:
-        from localmim.backends.mindspore.engine import set_lr
-        set_lr(self.optimizer, lr)
-        # mutable: a dict of Tensors passed to an ms.jit function is otherwise a compile-time
-        # constant, and every new mask would recompile the step.
-        loss = self._step(self._t(inputs.images), self.ms.mutable(self._t(inputs.masks)))
-        return float(loss.asnumpy())
+        self.stepper.set_lr(lr)
+        self.stepper.micro({"images": inputs.images, "masks": inputs.masks})
+        return float(self.stepper.gather([self.stepper.apply()])[0, 0])
 
     def state(self):
         return self.model.export_state()
@@ -345,22 +332,26 @@ def split_key_bias(state: Dict[str, np.ndarray]) -> tuple:
     return rest, key_bias
 
 
-def _groups(spec, state, weight_decay=0.05):
-    named = {n: v.shape for n, v in state.items() if not is_frozen_name(n)}
-    return pretrain_param_groups(named, weight_decay, spec.family)
+def training_config(weight_decay: float = 0.05, betas=(0.9, 0.95), eps: float = 1e-8):
+    """The optimizer keys both engines' build_optimizer read (the pretraining defaults)."""
+    from localmim.core.config import PretrainConfig
+    cfg = PretrainConfig()
+    cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps = weight_decay, list(betas), eps
+    return cfg
 
 
 def compare_training(spec, state, batches: Sequence, lr=1e-3, min_lr=1e-5, warmup=1, epochs=4,
                      steps_per_epoch=None, compile=False) -> tuple:
-    """Train both backends on the same batches.
+    """Train both backends on the same batches with each engine's own AdamW groups and step
+    object (TrainStep), the lr of every step from core.schedule.
 
     Returns (parameters row, key-bias row, worst relative loss-curve error, (torch, mindspore) losses).
     """
     tside, mside = TorchSide(spec, state), MindSporeSide(spec, state)
-    groups = _groups(spec, state)
+    cfg = training_config()
     steps_per_epoch = steps_per_epoch or max(1, len(batches) // epochs)
     for side in (tside, mside):
-        side.make_optimizer(groups, lr, (0.9, 0.95), 1e-8, compile=compile)
+        side.make_stepper(cfg, compile=compile)
     curve_t, curve_m = [], []
     for step, inputs in enumerate(batches):
         step_lr = lr_for_step(step, steps_per_epoch, lr, min_lr, warmup, epochs)
@@ -404,6 +395,84 @@ def run_parity(spec, batch: int = 2, seed: int = 0, adam_steps: int = 5, curve_s
     return rows
 
 
+def finetune_rows(model: str = "vit_tiny_test", pool: str = "avg", photos: Optional[Sequence[str]] = None,
+                  batch: int = 4, steps: int = 5, classes: int = 5, seed: int = 0, layer_decay: float = 0.75,
+                  perturb_head: bool = False) -> List[Row]:
+    """Fine-tuning parity: the same classifier weights (drop path off), images (photographs when
+    `photos` paths are given, else noise) and mixed soft targets (core.mixup) -> rows for the
+    logits and the soft-target loss, then the parameters after `steps` AdamW steps with layer-wise
+    lr decay, each backend through its own FinetuneStep. perturb_head: shift one weight of the
+    MindSpore head (a check that the rows can fail)."""
+    import torch
+    from localmim.backends.mindspore import ensure_cpu_context
+    from localmim.backends.mindspore import finetune as ms_ft
+    from localmim.backends.mindspore.vit_classifier import ViTClassifier as MsClassifier
+    from localmim.backends.torch import finetune as t_ft
+    from localmim.backends.torch.engine import build_optimizer as t_optimizer
+    from localmim.backends.torch.vit_classifier import ViTClassifier as TorchClassifier
+    from localmim.backends.mindspore.engine import build_optimizer as ms_optimizer
+    from localmim.core import mixup
+    from localmim.core.config import FinetuneConfig
+    import mindspore as ms
+
+    ensure_cpu_context()
+    spec = get_spec(model)
+    torch.manual_seed(seed)
+    tmodel = TorchClassifier(spec, classes, pool).float()
+    state = tmodel.export_state()
+    rng = np.random.default_rng(seed)
+    state["head.weight"] = (0.02 * rng.standard_normal(state["head.weight"].shape)).astype(np.float32)
+    tmodel.import_state(state)
+    mmodel = MsClassifier(spec, classes, pool)
+    mstate = dict(state)
+    if perturb_head:  # one weight (a uniform shift would cancel: fc_norm's output sums to ~0)
+        mstate["head.weight"] = state["head.weight"].copy()
+        mstate["head.weight"][0, 0] += 1e-2
+    mmodel.import_state(mstate)
+    if photos:
+        images = load_photos(photos, spec.img_size)
+        source = "photos"
+    else:
+        images, source = noise_images(spec, batch, seed), "noise"
+    images = images[: batch - batch % 2] if len(images) >= 2 else images
+    labels = np.arange(len(images)) % classes
+    cfg = FinetuneConfig()
+    cfg.optim.layer_decay, cfg.optim.weight_decay = layer_decay, 0.05
+    batches = [dict(zip(("images", "targets"), mixup.mix_batch(images, labels, classes, mixup.MixupConfig(),
+                                                                mixup.mix_rng(seed, 0, k))))
+               for k in range(steps)]
+
+    tmodel.eval()
+    mmodel.set_train(False)
+    with torch.no_grad():
+        t_logits = tmodel(torch.from_numpy(images)).numpy()
+        t_loss = float(t_ft.soft_target_cross_entropy(torch.from_numpy(t_logits),
+                                                      torch.from_numpy(batches[0]["targets"])))
+    m_logits = mmodel(ms.Tensor(images)).asnumpy()
+    m_loss = float(ms_ft.soft_target_cross_entropy(ms.Tensor(m_logits), ms.Tensor(batches[0]["targets"])).asnumpy())
+    rows = [Row("logits", relative_error(m_logits, t_logits), FORWARD_TOL),
+            Row("loss", relative_error(np.float64(m_loss), np.float64(t_loss)), FORWARD_TOL)]
+
+    tstep = t_ft.FinetuneStep(tmodel, t_optimizer(tmodel, cfg, groups=t_ft.finetune_groups(tmodel, cfg)), seed=seed,
+                              accum=1, precision="fp32", device=torch.device("cpu"))
+    mstep = ms_ft.FinetuneStep(mmodel, ms_optimizer(mmodel, cfg, groups=ms_ft.finetune_groups(mmodel, cfg)), accum=1)
+    lr = 1e-3
+    for k, b in enumerate(batches):
+        tstep.set_lr(lr)
+        tstep.micro({"images": torch.from_numpy(b["images"]), "targets": torch.from_numpy(b["targets"]),
+                     "key": torch.tensor([0, k])})
+        tstep.apply()
+        mstep.set_lr(lr)
+        mstep.micro(b)
+        mstep.apply()
+    (st, kt), (sm, km) = split_key_bias(tmodel.export_state()), split_key_bias(mmodel.export_state())
+    rows.append(worst_of(f"parameters after {steps} AdamW steps (layer decay {layer_decay})",
+                         {n: (sm[n], st[n]) for n in st}, PARAM_TOL))
+    key_diff = max((float(np.abs(km[n] - kt[n]).max()) for n in kt), default=0.0)
+    rows.append(Row("qkv key-bias drift (absolute, zero gradient)", key_diff, 2.0 * lr * steps))
+    return _tagged(rows, f"{source}, {pool} pool")
+
+
 def format_rows(title: str, rows: Sequence[Row]) -> str:
     width = max([6] + [len(r.inputs) for r in rows])
     lines = [title, f"{'inputs':{width}s} {'quantity':44s} {'worst rel. err':>14s} {'bound':>8s}  ok  worst at"]
@@ -422,6 +491,9 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--adam-steps", type=int, default=5)
     parser.add_argument("--curve-steps", type=int, default=0,
                         help="also compare a training-loss curve of this many steps")
+    parser.add_argument("--finetune", action="store_true",
+                        help="also compare fine-tuning (classifier logits, loss, 5 AdamW steps with layer decay) "
+                             "on the same images (ViT models)")
     parser.add_argument("--images", metavar="DIR", default=None,
                         help="compare on these images (flat or class folders) instead of the bundled "
                              f"photographs ({', '.join(PHOTO_NAMES)})")
@@ -446,6 +518,11 @@ def run(args) -> int:
     photos, source = _photos_for(args, spec)
     rows = run_parity(spec, args.batch, args.seed, args.adam_steps, args.curve_steps, photos=photos,
                       photo_source=source)
+    if args.finetune:
+        if spec.family != "vit":
+            raise ParityError(f"--finetune compares ViT classifiers; {spec.name} is a Swin")
+        paths = folder_image_paths(args.images, args.max_images) if args.images else bundled_photo_paths()
+        rows += finetune_rows(spec.name, photos=paths, seed=args.seed)
     print(format_rows(f"PyTorch vs MindSpore, {spec.name}, target {spec.target.kind}, float32 CPU; "
                       f"{photos.shape[0]} images from {source}", rows))
     return 0 if all(r.ok for r in rows) else 1

@@ -10,19 +10,6 @@ from localmim.backends.mindspore import targets as T
 from localmim.core import targets as C
 
 
-def _eight_bit_images(seed, batch=2, size=32):
-    """Photograph-like inputs, (B, 3, S, S) float32: random pixels from four 8-bit levels, every
-    fifth row constant, normalised like the data pipeline. Many pixels then have a gradient that
-    is exactly zero (equal neighbours, or top and bottom rows that cancel), the case where a
-    framework convolution leaves +-1 ulp residues of either sign (about 10% of them here)."""
-    rng = np.random.default_rng(seed)
-    v = rng.choice(np.array([0, 64, 128, 255], np.float32), size=(batch, 3, size, size))
-    v[:, :, ::5, :] = rng.choice(np.array([0, 64, 128, 255], np.float32), size=(batch, 3, 1, 1))
-    mean = np.array(C.IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
-    std = np.array(C.IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
-    return ((v / np.float32(255.0) - mean) / std).astype(np.float32)
-
-
 def test_scale_masks_match_core(h):
     m = h.make_mask(type("S", (), {"num_patches": 64})(), 3).mask  # 8x8 grid
     scales = (4.0, 2.0, 1.0, 0.5)
@@ -64,7 +51,7 @@ def test_normalize_pixels_uses_unbiased_variance():
 def test_sobel_kernel_and_gradients_match_core_bit_for_bit(h):
     np.testing.assert_array_equal(T.sobel_kernel(), C.sobel_kernel())
     bias = np.array([0.2, -0.1], np.float32)
-    for imgs in (h.make_images(2, 16, seed=2), _eight_bit_images(0, 2, 16)):
+    for imgs in (h.make_images(2, 16, seed=2), h.eight_bit_images(0, 2, 16)):
         ours = T.image_gradients(Tensor(imgs)).asnumpy()
         assert ours.shape == (2, 3, 2, 16, 16) and ours.dtype == np.float32
         np.testing.assert_array_equal(ours, C.image_gradients(imgs))
@@ -139,19 +126,19 @@ def test_hog_targets_match_core(h, with_bias):
 
 
 @pytest.mark.parametrize("nbins, with_bias", [(9, False), (18, True)])
-def test_hog_targets_of_8bit_images_match_core_in_every_cell(nbins, with_bias):
+def test_hog_targets_of_8bit_images_match_core_in_every_cell(nbins, with_bias, h):
     """The recipes' targets on photograph-like images: exactly zero gradients bin like the core."""
-    imgs = _eight_bit_images(2, 2, 32)
+    imgs = h.eight_bit_images(2, 2, 32)
     assert (C.image_gradients(imgs)[:, :, 0] == 0).mean() > 0.1
     biases = C.sample_hog_bias(np.random.default_rng(1), 4) if with_bias else None
     ours = T.hog_targets(Tensor(imgs), [4, 8, 16, 32], nbins, biases=None if biases is None else Tensor(biases))
     _compare_hog(ours, C.hog_targets(imgs, [4, 8, 16, 32], nbins, biases))
 
 
-def test_hog_targets_under_jit_match_core():
+def test_hog_targets_under_jit_match_core(h):
     """Graph mode compiles the same operations: per-scale biases as a list of (2,) Parameters'
     values, as LocalMIMModel.forward_targets passes them."""
-    imgs = _eight_bit_images(4, 2, 32)
+    imgs = h.eight_bit_images(4, 2, 32)
     biases = C.sample_hog_bias(np.random.default_rng(2), 4)
 
     @ms.jit

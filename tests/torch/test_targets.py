@@ -14,19 +14,6 @@ def _t(a):
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def _eight_bit_images(seed, batch=2, size=32):
-    """Photograph-like inputs, (B, 3, S, S) float32: random pixels from four 8-bit levels, every
-    fifth row constant, normalised like the data pipeline. Many pixels then have a gradient that
-    is exactly zero (equal neighbours, or top and bottom rows that cancel), the case where a
-    framework convolution leaves +-1 ulp residues of either sign (about 10% of them here)."""
-    rng = np.random.default_rng(seed)
-    v = rng.choice(np.array([0, 64, 128, 255], np.float32), size=(batch, 3, size, size))
-    v[:, :, ::5, :] = rng.choice(np.array([0, 64, 128, 255], np.float32), size=(batch, 3, 1, 1))
-    mean = np.array(C.IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
-    std = np.array(C.IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
-    return ((v / np.float32(255.0) - mean) / std).astype(np.float32)
-
-
 def test_scale_masks_match_core(tiny64_spec, h):
     m = h.make_mask(tiny64_spec, 3)
     got = T.scale_masks(_t(m.mask), tiny64_spec.grid, tiny64_spec.scales)
@@ -61,7 +48,7 @@ def test_patchify_and_pixel_targets_match_core(h):
 
 def test_sobel_and_gradients_match_core_bit_for_bit(h):
     np.testing.assert_array_equal(T.sobel_kernel().numpy(), C.sobel_kernel())
-    for imgs in (h.make_images(2, 16, seed=2), _eight_bit_images(0, 2, 16)):
+    for imgs in (h.make_images(2, 16, seed=2), h.eight_bit_images(0, 2, 16)):
         got = T.image_gradients(_t(imgs))
         assert got.shape == (2, 3, 2, 16, 16) and got.dtype == torch.float32
         np.testing.assert_array_equal(got.numpy(), C.image_gradients(imgs))
@@ -94,7 +81,7 @@ def test_orientation_bins_match_core_exactly():
 
 
 def test_histogram_matches_core_on_same_gradients(h):
-    for imgs in (h.make_images(2, 16, seed=3), _eight_bit_images(1, 2, 16)):
+    for imgs in (h.make_images(2, 16, seed=3), h.eight_bit_images(1, 2, 16)):
         grad = C.image_gradients(imgs)
         for nbins in (9, 18):
             got = T.hog_histogram(_t(grad), nbins).numpy()
@@ -154,9 +141,9 @@ def test_hog_targets_with_bias_match_core(h):
 
 
 @pytest.mark.parametrize("nbins, with_bias", [(9, False), (18, True)])
-def test_hog_targets_of_8bit_images_match_core_in_every_cell(nbins, with_bias):
+def test_hog_targets_of_8bit_images_match_core_in_every_cell(nbins, with_bias, h):
     """The recipes' targets on photograph-like images: exactly zero gradients bin like the core."""
-    imgs = _eight_bit_images(2, 2, 32)
+    imgs = h.eight_bit_images(2, 2, 32)
     assert (C.image_gradients(imgs)[:, :, 0] == 0).mean() > 0.1
     biases = C.sample_hog_bias(np.random.default_rng(1), 4) if with_bias else None
     got = T.hog_targets(_t(imgs), [4, 8, 16, 32], nbins, biases=None if biases is None else _t(biases))
