@@ -1,29 +1,49 @@
-"""`localmim bench`: training-step throughput of a LocalMIM model on synthetic data.
+"""`localmim bench`: pretraining throughput of the PyTorch engine's own step, and of its loader.
 
-Prints images/s, step time, peak accelerator memory and model FLOPs utilisation (MFU, ViT on
-CUDA: 3x the forward matmul FLOPs over the step time, against the GPU's dense bf16 peak).
-The step is the engine's own `TrainStep` (encoder + four decoders + targets + loss + backward +
-AdamW with the core's parameter groups, autocast / GradScaler / torch.compile as training uses
-them); images are random and masks come from the loader's collate, prepared outside the timed
-region like a prefetching data loader does.
+Modes (one JSON line per configuration on stdout, and appended to `--output FILE`):
+- step (default): images/s, step time, peak accelerator memory and MFU of the engine's
+  `TrainStep`, built by `engine.build_train_step` exactly as run_pretrain builds it (encoder + four
+  decoders + targets + loss + backward + AdamW with the core's parameter groups, fused on CUDA;
+  autocast / GradScaler / torch.compile and its mode as training uses them) on synthetic images
+  whose masks come from the loader's collate, prepared outside the timed region like a prefetching
+  data loader does. MFU (ViT on CUDA): 3x the forward matmul FLOPs over the step time, against the
+  GPU's dense bf16 peak.
+- `--data DIR`: the loader alone (`data.decode` cpu or gpu), img/s per worker count, no model.
+- `--data DIR --end-to-end`: loader + step, as training runs them, with the share of the time the
+  step waited for data.
+- `--find-max-batch GIB[,GIB]`: the largest batch whose step fits GIB of CUDA memory (bisection).
+- `--profile DIR`: a torch.profiler trace and a summary table of where a few steps spend their time.
+- `--suite FILE`: every measurement of docs/performance.md, each in its own process with a time
+  limit (one failing configuration does not stop the rest); `--tiny` runs the same suite on tiny
+  models, 2 steps, on the CPU, to check it end to end.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 
 from localmim.backends import images
 from localmim.core import masking
-from localmim.core.config import PretrainConfig
+from localmim.core.config import COMPILE_MODES, PretrainConfig
 from localmim.core.specs import TargetSpec, ViTSpec, get_spec
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) used for MFU; fp32 uses TF32 peaks.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+GIB = 2 ** 30
 
 
+class BenchError(ValueError):
+    """A bench option that cannot run here (the CLI prints it as one sentence, exit 2)."""
+
+
+# ---------------------------------------------------------------------------------------- FLOPs
 def _linear_flops(tokens: int, fan_in: int, fan_out: int) -> float:
     return 2.0 * tokens * fan_in * fan_out
 
@@ -66,6 +86,37 @@ def _peak_flops(device_name: str):
     return None
 
 
+# ---------------------------------------------------------------------------------------- setup
+def bench_spec(args):
+    """The model spec of --model, --img-size, --target, --nbins (the spec's own target otherwise)."""
+    overrides = {"img_size": args.img_size} if args.img_size else {}
+    spec = get_spec(args.model, **overrides)
+    if args.target or args.nbins:
+        t = spec.target
+        overrides["target"] = TargetSpec(kind=args.target or t.kind, nbins=args.nbins or t.nbins,
+                                         hog_bias=t.hog_bias, norm_pix=t.norm_pix)
+        spec = get_spec(args.model, **overrides)
+    return spec
+
+
+def bench_config(args, precision: str) -> PretrainConfig:
+    """The training config the step and loader are built from (pretraining defaults otherwise)."""
+    cfg = PretrainConfig()
+    cfg.model.name = args.model
+    cfg.data.batch_size, cfg.data.path, cfg.data.decode = args.batch, args.data, args.decode
+    cfg.mask.ratio = args.mask_ratio
+    cfg.train.precision, cfg.train.seed = precision, args.seed
+    cfg.train.compile, cfg.train.compile_mode = bool(args.compile), args.compile_mode
+    return cfg
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def synthetic_batches(spec, batch: int, mask_ratio: float, count: int = 4):
     """`count` loader-style numpy batches {"images", "masks"}: one set of random images, the masks of
     micro-batches 0..count-1 from the loader's own collate (ViT masks or Swin plans)."""
@@ -75,84 +126,433 @@ def synthetic_batches(spec, batch: int, mask_ratio: float, count: int = 4):
     return [{"images": imgs, "masks": collate.mask_arrays(0, i, batch)} for i in range(count)]
 
 
-def bench_torch(spec, batch: int, steps: int, warmup: int, precision: str, compile_model: bool,
-                mask_ratio: float, device: str):
-    """Time the PyTorch engine's own TrainStep (AdamW with the pretraining parameter groups)."""
+def build_step(cfg, spec, dev):
+    """(model, stepper) as run_pretrain builds them: seeded, `engine.build_train_step`."""
     import torch
+    from localmim.backends import loop
     from localmim.backends.torch import build_model, engine
 
-    dev = torch.device(device)
-    torch.manual_seed(0)
+    torch.manual_seed(int(cfg.train.seed))
+    loop.seed_host(cfg.train.seed)
     model = build_model(spec).to(dev)
-    cfg = PretrainConfig()
-    stepper = engine.TrainStep(model, engine.build_optimizer(model, cfg, fused=dev.type == "cuda"), accum=1,
-                               precision=precision, device=dev, compile=compile_model)
+    stepper = engine.build_train_step(cfg, model, dev)
     stepper.set_lr(1e-4)
-    # Batches sit on the device before the timed loop, as a prefetching loader leaves them.
-    batches = [{"images": torch.from_numpy(b["images"]).to(dev),
-                "masks": {k: torch.from_numpy(v).to(dev) for k, v in b["masks"].items()}}
-               for b in synthetic_batches(spec, batch, mask_ratio)]
+    return model, stepper
 
-    def step(i):
-        stepper.micro(batches[i % len(batches)])
+
+def loader_batches(cfg, spec, dev) -> Iterator[Dict]:
+    """Endless batches of `engine.build_loader` (data.decode), epoch after epoch."""
+    from localmim.backends.torch import engine
+
+    loader, sampler = engine.build_loader(cfg, spec, dev)
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _sync(dev) -> None:
+    import torch
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+# ---------------------------------------------------------------------------------------- step
+def bench_torch(spec, cfg, device: str, steps: int, warmup: int, end_to_end: bool = False,
+                profile_dir: Optional[str] = None, profile_steps: int = 3, label: str = "bench") -> Dict:
+    """Time `steps` optimizer steps of the engine's TrainStep after `warmup` steps.
+
+    Synthetic batches sit on the device before the timed loop; end_to_end pulls each batch from
+    the loader of cfg.data (its wait is reported as data_wait_share). `first_loss` is the loss of
+    the first step (gathered during warmup, outside the timed region).
+    """
+    import torch
+
+    dev = torch.device(device)
+    model, stepper = build_step(cfg, spec, dev)
+    if end_to_end:
+        source = loader_batches(cfg, spec, dev)
+    else:
+        synthetic = [{"images": torch.from_numpy(b["images"]).to(dev),
+                      "masks": {k: torch.from_numpy(v).to(dev) for k, v in b["masks"].items()}}
+                     for b in synthetic_batches(spec, cfg.data.batch_size, cfg.mask.ratio)]
+        source = (synthetic[i % len(synthetic)] for i in range(10 ** 12))
+    waited = [0.0]
+
+    def step():
+        t0 = time.perf_counter()
+        batch = next(source)
+        waited[0] += time.perf_counter() - t0
+        stepper.micro(batch)
         return stepper.apply()
 
-    for i in range(warmup):
-        step(i)
+    first_loss = float(stepper.gather([step()])[0, 0])
+    for _ in range(max(0, warmup - 1)):
+        step()
+    _sync(dev)
     if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(dev)
+    waited[0] = 0.0
     start = time.perf_counter()
-    for i in range(steps):
-        row = step(i)
+    for _ in range(steps):
+        row = step()
     final_loss = float(row[0])  # one sync at the end
     elapsed = time.perf_counter() - start
-    result = {"backend": "torch", "device": device, "step_time_s": elapsed / steps,
-              "images_per_s": batch * steps / elapsed, "loss": final_loss}
+    batch = cfg.data.batch_size
+    result = {"mode": "end_to_end" if end_to_end else "step", "backend": "torch", "device": device,
+              "step_time_s": elapsed / steps, "step_ms": 1e3 * elapsed / steps,
+              "images_per_s": batch * steps / elapsed, "first_loss": first_loss, "loss": final_loss}
+    if end_to_end:
+        result["data_wait_share"] = waited[0] / elapsed
     if dev.type == "cuda":
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-        name = torch.cuda.get_device_name()
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
+        name = torch.cuda.get_device_name(dev)
         result["device_name"] = name
         peak = _peak_flops(name)
         if peak and spec.family == "vit":
-            result["mfu"] = vit_train_flops(spec, batch, mask_ratio) / (elapsed / steps) / peak
+            result["mfu"] = vit_train_flops(spec, batch, cfg.mask.ratio) / (elapsed / steps) / peak
+    if profile_dir:
+        result.update(profile_steps_summary(step, dev, profile_steps, profile_dir, label))
     return result
 
 
+def profile_steps_summary(step, dev, steps: int, out_dir: str, label: str, rows: int = 30) -> Dict:
+    """Run `steps` steps under torch.profiler; write <label>-trace.json (chrome://tracing,
+    perfetto) and <label>-summary.txt (ops by self time) into out_dir; return the top ops."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(out_dir, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(dev)
+    trace = os.path.join(out_dir, f"{label}-trace.json")
+    summary = os.path.join(out_dir, f"{label}-summary.txt")
+    prof.export_chrome_trace(trace)
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    averages = prof.key_averages()
+    with open(summary, "w") as f:
+        f.write(averages.table(sort_by=key, row_limit=rows))
+    attr = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    events = sorted(averages, key=lambda e: getattr(e, attr, 0.0), reverse=True)
+    total = sum(getattr(e, attr, 0.0) for e in averages) or 1.0
+    top = [[e.key, round(getattr(e, attr, 0.0) / 1e3 / steps, 3), round(getattr(e, attr, 0.0) / total, 4)]
+           for e in events[:8]]
+    return {"profile_trace": trace, "profile_summary": summary, "profile_top_ms_per_step_share": top}
+
+
+# ---------------------------------------------------------------------------------------- loader
+def bench_loader(cfg, spec, device: str, workers: int, batches: int, warmup: int) -> Dict:
+    """img/s of the loader of cfg.data alone (no model) with `workers` worker processes."""
+    import torch
+
+    dev = torch.device(device)
+    cfg.data.num_workers = workers
+    source = loader_batches(cfg, spec, dev)
+    for _ in range(warmup):
+        next(source)
+    _sync(dev)
+    start = time.perf_counter()
+    for _ in range(batches):
+        batch = next(source)
+    _sync(dev)
+    elapsed = time.perf_counter() - start
+    rate = cfg.data.batch_size * batches / elapsed
+    assert batch["images"].shape[0] == cfg.data.batch_size
+    return {"mode": "loader", "decode": cfg.data.decode, "workers": workers, "images_per_s": rate,
+            "images_per_s_per_worker": rate / max(workers, 1), "batch": cfg.data.batch_size,
+            "img_size": spec.img_size, "data": cfg.data.path, "device": device}
+
+
+def compare_decoders(cfg, spec, device: str, batches: int = 4) -> Dict:
+    """data.decode gpu against cpu on the first batches of epoch 0: differences in 8-bit levels."""
+    import torch
+    from localmim.backends.torch import data as data_mod, gpu_data
+
+    dev = torch.device(device)
+    cfg.data.num_workers = 0
+    gpu_loader, gpu_sampler = gpu_data.build_gpu_decode_loader(cfg, spec, dev, require_cuda=dev.type == "cuda")
+    cpu_loader, cpu_sampler = data_mod.build_pretrain_loader(cfg, spec)
+    gpu_sampler.set_epoch(0, 0, batches)
+    cpu_sampler.set_epoch(0, 0, batches)
+    std = torch.from_numpy(images.IMAGENET_STD).view(1, 3, 1, 1)
+    diffs = [((g["images"].cpu() - c["images"]) * std * 255.0).abs().flatten()
+             for g, c in zip(gpu_loader, cpu_loader)]
+    levels = torch.cat(diffs)
+    return {"mode": "decode_compare", "device": device, "images": batches * cfg.data.batch_size,
+            "max_levels": levels.max().item(), "mean_levels": levels.mean().item(),
+            "share_over_1_level": (levels > 1.5).float().mean().item()}
+
+
+# ---------------------------------------------------------------------------------------- memory
+def largest_fitting(fits, start: int = 64, multiple: int = 8, ceiling: int = 1 << 16) -> int:
+    """The largest multiple of `multiple` for which fits(batch) holds (0 if none does), assuming
+    fits is monotone: double from `start` until a batch fails, then bisect (below `start` too)."""
+    lo, hi, batch = 0, None, max(multiple, start // multiple * multiple)
+    while hi is None and batch <= ceiling:
+        if fits(batch):
+            lo, batch = batch, batch * 2
+        else:
+            hi = batch
+    if hi is None:
+        return lo
+    while hi - lo > multiple:
+        mid = (lo + hi) // 2 // multiple * multiple
+        if mid <= lo:
+            break
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def find_max_batch(spec, cfg, device: str, memory_gib: float, start: int = 64, multiple: int = 8) -> Dict:
+    """The largest batch (a multiple of `multiple`) whose training step fits `memory_gib` GiB of
+    CUDA memory: grow by doubling from `start`, then bisect between the last fit and the first OOM.
+    The cap is torch.cuda.set_per_process_memory_fraction; each try runs two steps (the second
+    holds the AdamW state)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise BenchError("--find-max-batch bisects the batch size against CUDA memory, and this run has no CUDA "
+                         "device; run it on a GPU")
+    total = torch.cuda.get_device_properties(dev).total_memory
+    fraction = min(1.0, memory_gib * GIB / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, dev)
+    model, stepper = build_step(cfg, spec, dev)
+    tries = []
+
+    collate = (images.SwinPlanCollate(0, 0, spec, cfg.mask.ratio) if spec.family == "swin"
+               else images.MaskCollate(0, 0, spec.num_patches, cfg.mask.ratio))
+
+    def fits(batch: int) -> bool:
+        x = None
+        try:  # images drawn on the device: thousands of 224 px images are slow to draw in numpy
+            x = {"images": torch.randn(batch, 3, spec.img_size, spec.img_size, device=dev),
+                 "masks": {k: torch.from_numpy(v).to(dev) for k, v in collate.mask_arrays(0, 0, batch).items()}}
+            for _ in range(2):
+                stepper.micro(x)
+                stepper.apply()
+            _sync(dev)
+            ok = True
+        except torch.OutOfMemoryError:
+            ok = False
+        stepper.optimizer.zero_grad(set_to_none=True)
+        stepper._row = None
+        x = None
+        torch.cuda.empty_cache()
+        tries.append([batch, ok])
+        return ok
+
+    lo = largest_fitting(fits, start, multiple)
+    torch.cuda.set_per_process_memory_fraction(1.0, dev)
+    return {"mode": "find_max_batch", "device": device, "device_name": torch.cuda.get_device_name(dev),
+            "memory_gib": memory_gib, "max_batch": lo, "tries": tries}
+
+
+# ---------------------------------------------------------------------------------------- JPEGs
+def write_jpeg_folder(folder: str, count: int, width: int = 500, height: int = 375, seed: int = 0) -> str:
+    """`count` JPEGs (quality 90, ImageNet's typical 500x375) cut at random places and scales from
+    the bundled photographs (scikit-image) into `folder`; files already there are kept."""
+    from PIL import Image
+    from localmim.tools.sample_images import sample_image_dir
+
+    os.makedirs(folder, exist_ok=True)
+    src = sample_image_dir()
+    photos = [images.load_rgb(os.path.join(src, f)) for f in sorted(os.listdir(src))]
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        path = os.path.join(folder, f"img{i:06d}.jpg")
+        if os.path.exists(path):
+            continue
+        photo = photos[i % len(photos)]
+        scale = rng.uniform(0.5, 1.0)
+        w, h = max(8, int(photo.width * scale)), max(8, int(photo.height * scale))
+        left, top = int(rng.integers(0, photo.width - w + 1)), int(rng.integers(0, photo.height - h + 1))
+        img = photo.crop((left, top, left + w, top + h)).resize((width, height), Image.BICUBIC)
+        img.save(path + ".tmp", format="JPEG", quality=90)
+        os.replace(path + ".tmp", path)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------- suite
+def suite_configs(tiny: bool, jpegs: str, out_dir: str) -> List[List[str]]:
+    """(name, bench arguments) of every measurement of docs/performance.md, in the order they run:
+    the issue's table and the loader first, so that a budget cut drops the extras."""
+    if tiny:
+        # ViT-L's stand-in has ViT-B's shapes, so its compiled graph comes from the FX graph cache
+        vit_b, swin_b, vit_l = ("vit_tiny_test", "8"), ("swin_tiny_test", "8"), ("vit_tiny_test", "8")
+        common, workers, loader_batch = ["--steps", "2", "--warmup", "1", "--device", "cpu"], "2", "8"
+    else:
+        vit_b, swin_b, vit_l = ("vit_base_patch16", "256"), ("swin_base_patch4_win7", "256"), \
+            ("vit_large_patch16", "128")
+        common, workers, loader_batch = ["--steps", "10", "--warmup", "3"], "16", "256"
+    precision = ["--precision", "fp32" if tiny else "bf16"]
+
+    def model(m, target):
+        return ["--model", m[0], "--batch", m[1], "--target", target] + precision + common
+
+    vitb, swinb, vitl = model(vit_b, "hog"), model(swin_b, "pixel"), model(vit_l, "hog")
+    loader = ["--data", jpegs, "--workers", workers, "--batch", loader_batch, "--model", vit_b[0]] + common
+    runs = [["vitb_hog_eager", *vitb], ["vitb_hog_compiled", *vitb, "--compile"],
+            ["loader_cpu", *loader]]
+    end_to_end = [*vitb, "--compile", "--data", jpegs, "--end-to-end", "--workers", workers]
+    if not tiny:
+        runs.append(["loader_gpu", *loader, "--decode", "gpu"])
+        runs.append(["vitb_hog_compiled_jpegs_gpu_decode", *end_to_end, "--decode", "gpu"])
+    runs += [["swinb_pixel_eager", *swinb], ["swinb_pixel_compiled", *swinb, "--compile"],
+             ["vitl_hog_eager", *vitl], ["vitl_hog_compiled", *vitl, "--compile"],
+             ["vitb_hog_compiled_jpegs_cpu_decode", *end_to_end]]
+    if not tiny:
+        runs.append(["decode_compare", "--data", jpegs, "--decode", "gpu", "--compare-cpu", "--batch", "32",
+                     "--model", vit_b[0]])
+        for label, m, target in (("vitb_hog", vit_b, "hog"), ("swinb_pixel", swin_b, "pixel"),
+                                 ("vitl_hog", vit_l, "hog")):
+            runs.append([f"{label}_max_batch", "--model", m[0], "--target", target, "--find-max-batch", "80,141"]
+                        + precision)
+        runs.append(["vitb_hog_compiled_reduce_overhead", *vitb, "--compile", "--compile-mode", "reduce-overhead"])
+    runs.append(["vitb_hog_compiled_profile", *vitb, "--compile", "--profile", out_dir])
+    return runs
+
+
+def run_suite(output: str, tiny: bool, budget_s: float, limit_s: float, jpeg_count: int, jpeg_dir: str) -> int:
+    """Each configuration in its own `localmim bench` process (a crash, an OOM or a hang costs only
+    that one); its JSON lines, or one {"config", "error"} line, are appended to `output`. Stops
+    starting new configurations after `budget_s` seconds."""
+    out_dir = os.path.dirname(os.path.abspath(output))
+    os.makedirs(out_dir, exist_ok=True)
+    start = time.monotonic()  # the budget counts the JPEGs too
+    jpegs = write_jpeg_folder(jpeg_dir, jpeg_count)
+    print(f"{jpeg_count} JPEGs in {jpegs} ({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)
+    failures = 0
+    for name, *argv in suite_configs(tiny, jpegs, out_dir):
+        left = budget_s - (time.monotonic() - start)
+        if left < 10:
+            _append(output, {"config": name, "skipped": f"the suite's {budget_s:.0f} s budget is spent"})
+            continue
+        cmd = [sys.executable, "-m", "localmim.tools.cli", "bench", *argv, "--label", name]
+        limit = min(limit_s if "--compile" in argv else limit_s / 2, left)  # compiling takes the time
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+            rc, out, err = proc.returncode, proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, out, err = "timeout", e.stdout or "", f"killed after {limit:.0f} s"
+            out = out.decode() if isinstance(out, bytes) else out
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        for line in lines:
+            _append(output, dict(json.loads(line), config=name, wall_s=round(time.monotonic() - t0, 1)))
+        if rc != 0 or not lines:
+            failures += 1
+            tail = [line for line in (err or "").strip().splitlines() if line.strip()][-3:]
+            _append(output, {"config": name, "error": " | ".join(tail) or f"exit status {rc}", "rc": rc,
+                             "wall_s": round(time.monotonic() - t0, 1)})
+        print(f"{name}: {'ok' if rc == 0 and lines else 'FAILED'} ({time.monotonic() - t0:.0f} s)", file=sys.stderr,
+              flush=True)
+    print(f"suite done in {time.monotonic() - start:.0f} s, {failures} failed; results in {output}", file=sys.stderr)
+    return 0
+
+
+def _append(path: Optional[str], record: Dict) -> None:
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--model", default="vit_base_patch16", help="a model name from core.specs")
     parser.add_argument("--backend", default="torch", choices=["torch"])
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (loader mode: timed batches)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the step (train.compile)")
+    parser.add_argument("--compile-mode", default=None, choices=COMPILE_MODES, help="train.compile_mode")
     parser.add_argument("--target", default=None, choices=["hog", "pixel"])
     parser.add_argument("--nbins", type=int, default=None)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--img-size", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", metavar="DIR", default=None,
+                        help="an image folder: the loader alone (img/s per --workers), or with --end-to-end loader + step")
+    parser.add_argument("--end-to-end", action="store_true", help="with --data: time loader + step together")
+    parser.add_argument("--workers", default=None,
+                        help="loader worker counts, comma-separated (default: 0,1,2,4,... up to the CPU count; "
+                             "end-to-end: the CPU count)")
+    parser.add_argument("--decode", default="cpu", choices=["cpu", "gpu"], help="data.decode")
+    parser.add_argument("--compare-cpu", action="store_true",
+                        help="with --data --decode gpu: the GPU-decoded images against the CPU path's, in 8-bit levels")
+    parser.add_argument("--find-max-batch", metavar="GIB[,GIB]", default=None,
+                        help="largest batch whose step fits each memory size (GiB of CUDA memory)")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="after timing, profile a few steps: DIR/<label>-trace.json and -summary.txt")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--label", default=None, help="a name for this configuration in the JSON line and files")
+    parser.add_argument("--output", metavar="FILE", default=None, help="also append each JSON line to FILE")
+    parser.add_argument("--suite", metavar="FILE", default=None,
+                        help="run every measurement of docs/performance.md, JSON lines appended to FILE")
+    parser.add_argument("--tiny", action="store_true", help="with --suite: tiny models, 2 steps, CPU (a dry run)")
+    parser.add_argument("--suite-budget-s", type=float, default=450.0)
+    parser.add_argument("--suite-limit-s", type=float, default=200.0,
+                        help="time limit of one compiled configuration (half of it for the others)")
+    parser.add_argument("--jpegs", type=int, default=None, help="with --suite: JPEGs to generate (default 4096, tiny 24)")
+    parser.add_argument("--jpeg-dir", default=None,
+                        help="with --suite: where the JPEGs go (default /tmp/localmim_bench_jpegs[_tiny])")
+
+
+def _worker_counts(text: Optional[str], end_to_end: bool) -> List[int]:
+    cpus = os.cpu_count() or 1
+    if text:
+        return [int(w) for w in text.split(",")]
+    if end_to_end:
+        return [cpus]
+    counts, w = [0], 1
+    while w <= cpus:
+        counts.append(w)
+        w *= 2
+    return counts
 
 
 def run(args) -> int:
-    overrides = {}
-    if args.img_size:
-        overrides["img_size"] = args.img_size
-    spec = get_spec(args.model, **overrides)
-    if args.target or args.nbins:
-        t = spec.target
-        overrides["target"] = TargetSpec(kind=args.target or t.kind, nbins=args.nbins or t.nbins,
-                                         hog_bias=t.hog_bias, norm_pix=t.norm_pix)
-        spec = get_spec(args.model, **overrides)
-    device = args.device
-    if device == "auto":
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.suite:
+        count = args.jpegs or (24 if args.tiny else 4096)
+        jpeg_dir = args.jpeg_dir or ("/tmp/localmim_bench_jpegs" + ("_tiny" if args.tiny else ""))
+        return run_suite(args.suite, args.tiny, args.suite_budget_s, args.suite_limit_s, count, jpeg_dir)
+    spec = bench_spec(args)
+    device = resolve_device(args.device)
     precision = args.precision if device != "cpu" or args.precision != "fp16" else "fp32"
-    result = bench_torch(spec, args.batch, args.steps, args.warmup, precision, args.compile,
-                         args.mask_ratio, device)
-    result.update({"model": args.model, "batch": args.batch, "precision": precision, "compile": args.compile})
-    print(json.dumps(result))
+    cfg = bench_config(args, precision)
+    label = args.label or f"{args.model}-b{args.batch}"
+    common = {"model": args.model, "target": spec.target.kind, "batch": args.batch, "precision": precision,
+              "compile": bool(args.compile), "compile_mode": args.compile_mode, "label": label}
+    if args.data and not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data {args.data} does not exist or is not a folder")
+    results = []
+    if args.find_max_batch:
+        for gib in (float(g) for g in args.find_max_batch.split(",")):
+            results.append(find_max_batch(spec, cfg, device, gib))
+    elif args.data and args.compare_cpu:
+        results.append(compare_decoders(cfg, spec, device))
+    elif args.data and not args.end_to_end:
+        for w in _worker_counts(args.workers, False):
+            results.append(bench_loader(cfg, spec, device, w, args.steps, args.warmup))
+    else:
+        if args.data:
+            cfg.data.num_workers = _worker_counts(args.workers, True)[0]
+            common["workers"], common["decode"] = cfg.data.num_workers, cfg.data.decode
+        results.append(bench_torch(spec, cfg, device, args.steps, args.warmup, end_to_end=bool(args.data),
+                                   profile_dir=args.profile, profile_steps=args.profile_steps, label=label))
+    for r in results:
+        record = {**common, **r}
+        print(json.dumps(record), flush=True)
+        _append(args.output, record)
     return 0
 
 

@@ -129,6 +129,14 @@ def image_gradients(imgs: torch.Tensor, bias: Optional[torch.Tensor] = None) -> 
     return g
 
 
+@torch.compiler.assume_constant_result
+def _edge_cotangents(nbins: int) -> tuple:
+    """core.targets.bin_edge_cotangents as Python floats (float32 values: a float32 tensor times a
+    Python scalar multiplies in float32). Not a tensor, so no host-to-device copy, which waits for
+    the device, on every step; a constant of the compiled graph under torch.compile."""
+    return tuple(bin_edge_cotangents(nbins).tolist())
+
+
 def orientation_bins(g0: torch.Tensor, g1: torch.Tensor, nbins: int) -> torch.Tensor:
     """Orientation bin (int64, same shape, 0..nbins-1) of each gradient, as core.targets.orientation_bins.
 
@@ -141,7 +149,7 @@ def orientation_bins(g0: torch.Tensor, g1: torch.Tensor, nbins: int) -> torch.Te
     y = g0.abs()
     x = torch.where(g0 < 0, -g1, g1)
     bins = torch.zeros(g0.shape, dtype=torch.int64, device=g0.device)
-    for cot in torch.from_numpy(bin_edge_cotangents(nbins)).to(g0.device):
+    for cot in _edge_cotangents(nbins):
         bins += x <= y * cot
     return bins.masked_fill_(g0 == 0, 0)
 

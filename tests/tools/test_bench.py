@@ -40,3 +40,99 @@ def test_vit_flops_match_torch_flop_counter():
     ratio = bench.vit_train_flops(spec, batch, 0.75) / counter.get_total_flops()
     # 3x forward slightly over-counts: the patch embedding needs no input gradient.
     assert 1.0 <= ratio <= 1.08, ratio
+
+
+def _args(argv):
+    parser = __import__("argparse").ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_bench_end_to_end_runs_the_step_run_pretrain_runs(tmp_path, image_folder):
+    """bench --data --end-to-end builds its step and loader with the engine's own functions: its
+    first step's loss is run_pretrain's first logged loss on the same folder, seed and batch."""
+    from localmim.backends.torch import engine
+    folder = image_folder(n=6, size=40)
+    args = _args(["--model", "vit_tiny_test", "--batch", "2", "--precision", "fp32", "--device", "cpu",
+                  "--data", folder, "--end-to-end", "--workers", "0", "--steps", "1", "--warmup", "1", "--seed", "3"])
+    cfg = bench.bench_config(args, "fp32")
+    cfg.data.num_workers = 0
+    cfg.train.output_dir, cfg.train.max_steps, cfg.train.log_every = str(tmp_path / "run"), 1, 1
+    cfg.train.device, cfg.train.progress = "cpu", False
+    engine.run_pretrain(cfg)
+    logged = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])["loss"]
+    bench_cfg = bench.bench_config(args, "fp32")
+    bench_cfg.data.num_workers = 1  # another worker count: the same batches
+    result = bench.bench_torch(bench.bench_spec(args), bench_cfg, "cpu", 1, 1, end_to_end=True)
+    assert result["mode"] == "end_to_end" and 0.0 <= result["data_wait_share"] <= 1.0
+    assert result["first_loss"] == pytest.approx(logged, rel=1e-6, abs=0)
+
+
+def test_loader_mode_measures_the_loader_without_a_model(capsys, monkeypatch, image_folder):
+    from localmim.backends import torch as torch_backend
+    monkeypatch.setattr(torch_backend, "build_model", lambda spec: pytest.fail("the loader mode built a model"))
+    folder = image_folder(n=8, size=48)
+    assert bench.main(["--model", "vit_tiny_test", "--batch", "4", "--data", folder, "--workers", "0,1",
+                       "--steps", "2", "--warmup", "1", "--device", "cpu"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [r["workers"] for r in lines] == [0, 1]
+    assert all(r["mode"] == "loader" and r["decode"] == "cpu" and r["images_per_s"] > 0 for r in lines)
+
+
+def test_cpu_only_options_are_one_sentence_and_exit_2(capsys, image_folder):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from localmim.tools.cli import main
+    assert main(["bench", "--model", "vit_tiny_test", "--find-max-batch", "80", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--find-max-batch" in err[0] and "CUDA" in err[0]
+    assert main(["bench", "--model", "vit_tiny_test", "--data", image_folder(n=4), "--decode", "gpu",
+                 "--device", "cpu", "--batch", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.decode: gpu" in err[0]
+
+
+def test_profile_writes_a_trace_and_a_summary(tmp_path, capsys):
+    assert bench.main(["--model", "vit_tiny_test", "--batch", "2", "--steps", "1", "--warmup", "1", "--precision",
+                       "fp32", "--device", "cpu", "--profile", str(tmp_path), "--profile-steps", "1",
+                       "--label", "tiny"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = (tmp_path / "tiny-summary.txt").read_text()
+    assert "aten::" in summary and (tmp_path / "tiny-trace.json").stat().st_size > 0
+    assert result["profile_summary"] == str(tmp_path / "tiny-summary.txt")
+    assert len(result["profile_top_ms_per_step_share"]) == 8
+
+
+@pytest.mark.parametrize("tiny", [True, False])
+def test_every_suite_configuration_parses(tiny, tmp_path):
+    """A typo in the GPU suite would cost a GPU session its time: every configuration parses."""
+    configs = bench.suite_configs(tiny, str(tmp_path), str(tmp_path))
+    names = [c[0] for c in configs]
+    assert len(set(names)) == len(names)
+    for _, *argv in configs:
+        args = _args(argv)
+        bench.bench_spec(args)
+    assert {"vitb_hog_eager", "vitb_hog_compiled", "swinb_pixel_compiled", "vitl_hog_compiled",
+            "loader_cpu", "vitb_hog_compiled_profile"} <= set(names)
+
+
+def test_suite_goes_on_after_a_failing_configuration(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "write_jpeg_folder", lambda folder, count: str(tmp_path))
+    monkeypatch.setattr(bench, "suite_configs", lambda tiny, jpegs, out: [
+        ["broken", "--model", "no_such_model"],
+        ["ok", "--model", "vit_tiny_test", "--batch", "2", "--steps", "1", "--warmup", "1", "--precision", "fp32",
+         "--device", "cpu"]])
+    out = tmp_path / "suite.jsonl"
+    assert bench.main(["--suite", str(out), "--tiny"]) == 0
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["config"] for r in records] == ["broken", "ok"]
+    assert "no_such_model" in records[0]["error"] and records[0]["rc"] == 2
+    assert records[1]["images_per_s"] > 0 and records[1]["label"] == "ok"
+
+
+@pytest.mark.parametrize("limit", [0, 5, 8, 63, 64, 100, 1000, 5000])
+def test_max_batch_search_finds_the_largest_fitting_multiple(limit):
+    tried = []
+    found = bench.largest_fitting(lambda b: tried.append(b) or b <= limit, start=64, multiple=8)
+    assert found == limit // 8 * 8
+    assert len(tried) <= 20 and all(b % 8 == 0 for b in tried)
