@@ -9,6 +9,13 @@ CPU-friendly choices (MindSpore 2.10 on CPU):
 - the stride-p patch convolution, the k2s2 transposed convolutions and the 1x1 convolutions are
   computed as reshapes plus one matmul on channels-last maps (same numbers, far faster than the
   CPU conv kernels);
+- every projection (Linear, the patch, k2s2 and 1x1 convolutions) is one 2-D MatMul on the rows
+  flattened from the leading axes, with the weight read in place (`transpose_b`): `ops.matmul` of
+  a (B, N, C) tensor with a 2-D weight broadcasts the weight to a batch and runs BatchMatMul, whose
+  backward then broadcasts and sums per batch (measured on vit_mini: BroadcastTo alone took 15%
+  of the graph-mode step). Same forward and input gradient bit for bit; weight gradients
+  summed in another order (~1e-7 relative). Reading the Parameter directly also lets
+  `Cell.to_float` cast it under mixed precision (a transposed copy is not cast);
 - GELU is the exact erf form (`nn.GELU(approximate=False)`; MindSpore's default is tanh);
 - every LayerNorm passes eps explicitly (1e-6, docs/method.md#transformer-blocks).
 
@@ -23,10 +30,22 @@ from mindspore import Parameter, Tensor, nn, ops
 
 __all__ = [
     "LN_EPS", "LayerNorm", "LayerNorm2d", "Linear", "Mlp", "Attention", "DropPath", "Block",
-    "PatchEmbed", "ConvTranspose2x2", "Conv1x1", "AvgPool2x2", "GELU",
+    "PatchEmbed", "ConvTranspose2x2", "Conv1x1", "AvgPool2x2", "GELU", "Softmax",
 ]
 
 LN_EPS = 1e-6
+
+_matmul = ops.MatMul()
+_matmul_nt = ops.MatMul(transpose_b=True)  # x @ w.T with w (out, in) as stored
+
+
+def _project(x, weight, out_dim: int, transpose: bool = True):
+    """x (..., in) @ weight.T (transpose: weight (out, in)) or @ weight ((in, out)) -> (..., out)
+    as one 2-D MatMul (see the module docstring). `weight` is a Tensor computed in the calling
+    cell (a reshape of its Parameter), never the Parameter itself (see Linear)."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = _matmul_nt(rows, weight) if transpose else _matmul(rows, weight)
+    return y.reshape(x.shape[:-1] + (out_dim,))
 
 
 def _param(shape, name, fill=0.0, requires_grad=True):
@@ -93,7 +112,10 @@ class Linear(nn.Cell):
         self.bias = _param((self.out_features,), "bias") if self.has_bias else None
 
     def construct(self, x):
-        y = ops.matmul(x, self.weight.T)
+        # the Parameter is used here, not handed to _project: graph-mode mixed precision casts a
+        # cell's Parameters where its own operators read them, not inside a called function
+        y = _matmul_nt(x.reshape(-1, self.in_features), self.weight)
+        y = y.reshape(x.shape[:-1] + (self.out_features,))
         if self.has_bias:
             y = y + self.bias
         return y
@@ -107,6 +129,14 @@ class GELU(nn.Cell):
 
     def construct(self, x):
         return 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+class Softmax(nn.Cell):
+    """Softmax over the last axis, as a Cell so that mixed precision can keep it in float32
+    (backends/mindspore/amp.py)."""
+
+    def construct(self, x):
+        return ops.softmax(x, axis=-1)
 
 
 class Mlp(nn.Cell):
@@ -137,6 +167,7 @@ class Attention(nn.Cell):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.qkv = Linear(dim, 3 * dim)
+        self.softmax = Softmax()
         self.proj = Linear(dim, dim)
 
     def construct(self, x):
@@ -145,7 +176,7 @@ class Attention(nn.Cell):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn = ops.matmul(q * self.scale, k.transpose(0, 1, 3, 2))
-        attn = ops.softmax(attn, axis=-1)
+        attn = self.softmax(attn)
         x = ops.matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, c)
         return self.proj(x)
 
@@ -227,7 +258,7 @@ class PatchEmbed(nn.Cell):
         x = x.reshape(b, self.in_chans, g, p, g, p).transpose(0, 2, 4, 1, 3, 5)
         x = x.reshape(b, g * g, self.in_chans * p * p)
         w = self.proj.weight.reshape(self.embed_dim, self.in_chans * p * p)
-        return ops.matmul(x, w.T) + self.proj.bias
+        return _project(x, w, self.embed_dim) + self.proj.bias
 
 
 class ConvTranspose2x2(nn.Cell):
@@ -246,7 +277,7 @@ class ConvTranspose2x2(nn.Cell):
     def construct(self, x):
         b, h, w, _ = x.shape
         o = self.out_channels
-        y = ops.matmul(x, self.weight.reshape(self.in_channels, o * 4))  # (B, H, W, O*2*2)
+        y = _project(x, self.weight.reshape(self.in_channels, o * 4), o * 4, transpose=False)  # (B, H, W, O*2*2)
         y = y.reshape(b, h, w, o, 2, 2).transpose(0, 1, 4, 2, 5, 3)       # (B, H, 2, W, 2, O)
         return y.reshape(b, 2 * h, 2 * w, o) + self.bias
 
@@ -266,7 +297,7 @@ class Conv1x1(nn.Cell):
 
     def construct(self, x):
         w = self.weight.reshape(self.out_channels, self.in_channels)
-        return ops.matmul(x, w.T) + self.bias
+        return _project(x, w, self.out_channels) + self.bias
 
     def extend_repr(self):
         return f"{self.in_channels}, {self.out_channels}, kernel=1"

@@ -40,7 +40,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, TruncatedNormal, Uniform, initializer
 
 from localmim.backends.mindspore import targets as T
-from localmim.backends.mindspore.layers import LN_EPS, Block, LayerNorm, Linear, Mlp, PatchEmbed
+from localmim.backends.mindspore.layers import LN_EPS, Block, LayerNorm, Linear, Mlp, PatchEmbed, Softmax
 from localmim.backends.mindspore.model import LocalMIMModel
 from localmim.core.pos_embed import sincos_2d
 from localmim.core.specs import SwinSpec
@@ -142,6 +142,7 @@ class WindowAttention(nn.Cell):
             Tensor(np.zeros(((2 * self.window - 1) ** 2, self.num_heads), np.float32)),
             name="relative_position_bias_table")
         self.qkv = Linear(self.dim, 3 * self.dim)
+        self.softmax = Softmax()
         self.proj = Linear(self.dim, self.dim)
 
     def relative_bias(self, attn_mask, rel_index):
@@ -168,7 +169,7 @@ class WindowAttention(nn.Cell):
         attn = ops.matmul(q * self.scale, k.swapaxes(-1, -2))                       # (B, G, h, S, S)
         attn = attn + self.relative_bias(attn_mask, rel_index).expand_dims(0)
         attn = attn + attn_mask.reshape(1, g, 1, s, s)
-        attn = ops.softmax(attn, axis=-1)
+        attn = self.softmax(attn)
         out = ops.matmul(attn, v).transpose(0, 1, 3, 2, 4).reshape(b, g, s, c)       # (B, G, S, C)
         out = out.reshape(b, n, c) if one_group else ungroup_tokens(out, ungroup_index)
         return self.proj(out)

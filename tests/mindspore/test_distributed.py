@@ -1,5 +1,6 @@
 """MindSpore distributed helpers, and two CPU workers under msrun ending with identical weights."""
 import json
+import re
 import os
 import shutil
 import signal
@@ -132,3 +133,50 @@ def test_msrun_ranks_stop_at_one_step_on_sigterm(tmp_path):
     assert sorted(os.listdir(out)) == [f"checkpoint-{step}.ckpt", "config.yaml", "log.jsonl"]
     assert ckpt.load_checkpoint(str(out / f"checkpoint-{step}.ckpt"))["step"] == step
     assert steps()[-1] == step
+
+
+def _msrun_job(tmp_path, steps, model, cluster_time_out=30, env_extra=None):
+    """Start WORKER under msrun with two CPU workers on 16 noise images -> (Popen, out, weights, logs)."""
+    bindir = os.path.dirname(sys.executable)
+    msrun = shutil.which("msrun", path=bindir) or shutil.which("msrun")
+    if msrun is None:
+        pytest.skip("msrun is not installed next to this Python")
+    data_dir, out, weights, logs = (tmp_path / n for n in ("data", "out", "weights", "logs"))
+    os.makedirs(data_dir)
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data_dir / f"i{i:02d}.png")
+    env = dict(os.environ, **(env_extra or {}))
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")  # msrun spawns `python` from PATH
+    cmd = [msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}",
+           f"--log_dir={logs}", "--join=True", f"--cluster_time_out={cluster_time_out}",
+           WORKER, str(data_dir), str(out), str(weights), str(steps), model]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=str(tmp_path))
+    return proc, out, weights, logs
+
+
+def test_msrun_swin_two_cpu_workers_end_with_identical_weights(tmp_path):
+    proc, out, weights, logs = _msrun_job(tmp_path, 2, "swin_tiny_test")
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, f"msrun failed ({proc.returncode}):\n{output[-3000:]}"
+    w0, w1 = np.load(weights / "rank0.npz"), np.load(weights / "rank1.npz")
+    assert sorted(w0.files) == sorted(w1.files) and any(k.startswith("encoder.layers.") for k in w0.files)
+    for k in w0.files:
+        np.testing.assert_array_equal(w0[k], w1[k], err_msg=k)
+    payload = ckpt.load_checkpoint(str(out / "checkpoint-2.ckpt"))
+    assert payload["step"] == 2
+    for k in w0.files:
+        np.testing.assert_array_equal(payload["model"][k], w0[k], err_msg=k)
+
+
+def test_msrun_a_worker_that_dies_ends_the_job_within_a_minute(tmp_path):
+    """Rank 1 SIGKILLs itself after its first step: msrun ends the job (non-zero) within a minute of
+    that and says which worker failed."""
+    proc, out, weights, logs = _msrun_job(tmp_path, 40, "vit_tiny_test", env_extra={"LOCALMIM_TEST_DIE": "1:1"})
+    output = proc.communicate(timeout=300)[0]
+    ended = time.time()
+    died = float((weights / "rank1.died").read_text())
+    assert proc.returncode != 0 and ended - died < 60, (proc.returncode, ended - died)
+    assert re.search(r"(?i)worker.*(exit|fail|abnormal)|(exit|fail).*worker", output), output[-3000:]
+    assert not (weights / "rank0.npz").exists()  # rank 0 did not finish its 40 steps alone
