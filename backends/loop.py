@@ -100,7 +100,8 @@ def _lr_of(cfg, base_lr: float, steps_per_epoch: int) -> Callable[[int], float]:
 def train(cfg, stepper, loader, sampler, ckpt, *, rank: int = 0, world: int = 1, on_cpu: bool = True,
           barrier: Callable[[], None] = lambda: None,
           any_rank: Optional[Callable[[bool], bool]] = None,
-          figure: Optional[Callable[[int], np.ndarray]] = None) -> Dict:
+          figure: Optional[Callable[[int], np.ndarray]] = None,
+          evaluate: Optional[Callable[[int], Dict[str, float]]] = None, eval_every_epochs: int = 1) -> Dict:
     """Train (or resume) as `cfg` says with `stepper` on the batches of `loader`.
 
     loader / sampler: an iterable of batches of the sampler's current window and the
@@ -108,7 +109,10 @@ def train(cfg, stepper, loader, sampler, ckpt, *, rank: int = 0, world: int = 1,
     `batches_per_epoch`). ckpt: the backend's checkpoint module. barrier: the backend's collective
     barrier (a no-op in one process). The output folder must exist. figure: rank 0's hook for
     TensorBoard, step -> (H, W, 3) uint8 reconstruction figure of the current model (None: no
-    images); with train.tensorboard it is drawn as runs.figure_due says.
+    images); with train.tensorboard it is drawn as runs.figure_due says. evaluate: step -> metrics
+    (the same dict on every rank; the hook does its own reduction over ranks), called on every rank
+    at the end of every `eval_every_epochs`-th epoch and after the last step, before that step's
+    checkpoint, and logged as its own log.jsonl record (the fine-tuning accuracies).
 
     Returns {"step", "loss" (the last step's loss, or the last logged one when nothing was left to
     do), "checkpoint" (the newest checkpoint path), "output_dir"}. Raises NonFiniteLossError
@@ -168,6 +172,7 @@ def train(cfg, stepper, loader, sampler, ckpt, *, rank: int = 0, world: int = 1,
     lr = lr_of(step)
     agree_every_step = on_cpu or world == 1  # a stop needs no host sync there; elsewhere at log lines / saves
     stop = StopSignals()
+    log_fields = getattr(stepper, "log_fields", dict)  # extra log.jsonl fields of the step object
     try:
         while step < total:
             epoch = step // steps_per_epoch
@@ -189,12 +194,15 @@ def train(cfg, stepper, loader, sampler, ckpt, *, rank: int = 0, world: int = 1,
                 logger.step_done()
                 logged = step % log_every == 0 or step == total
                 if logged:
-                    logger.log(step, tracker.take_window(), lr)
+                    logger.log(step, tracker.take_window(), lr, log_fields())
+                if evaluate is not None and runs.epoch_end_due(step, total, steps_per_epoch, eval_every_epochs):
+                    tracker.fetch()  # a non-finite loss stops the run before an evaluation of it
+                    logger.log_eval(step, evaluate)
                 save_now = runs.save_due(step, total, steps_per_epoch, save_every, save_epochs)
                 stopping = step < total and (agree_every_step or logged or save_now) and \
                     any_rank(stop.requested is not None)
                 if stopping and not logged:  # log.jsonl then covers every step the checkpoint holds
-                    logger.log(step, tracker.take_window(), lr)
+                    logger.log(step, tracker.take_window(), lr, log_fields())
                 if save_now or stopping:
                     last_ckpt = save(step, final=stopping or step >= total) or last_ckpt
                     saved_at = step

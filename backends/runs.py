@@ -65,7 +65,9 @@ RESUME_FREE_KEYS = frozenset({"data.num_workers", "train.output_dir", "train.max
                               "train.save_every_steps", "train.save_every_epochs", "train.keep_checkpoints",
                               "train.progress", "train.compile", "train.device", "train.tensorboard",
                               "train.tensorboard_images_every_epochs", "train.resume", "train.on_save_error",
-                              "train.collective_timeout_s"})
+                              "train.collective_timeout_s", "eval.knn_data", "eval.every_epochs",
+                              "train.jit_level", "train.compile_mode", "train.eval_every_epochs",
+                              "data.eval_batch_size"})
 
 
 class CheckpointError(ValueError):
@@ -313,6 +315,12 @@ def open_tensorboard(cfg, out: str, step: int, main: bool):
         return None
     from localmim.backends.tensorboard import TENSORBOARD_DIR, TensorBoardWriter
     return TensorBoardWriter(os.path.join(out, TENSORBOARD_DIR), start_step=step)
+
+
+def epoch_end_due(step: int, total: int, steps_per_epoch: int, every_epochs: int) -> bool:
+    """Whether something done every `every_epochs` epochs (an evaluation) is due after optimizer
+    step `step`: at the end of every `every_epochs`-th epoch and after the last step (0: never)."""
+    return figure_due(step, total, steps_per_epoch, every_epochs)
 
 
 def figure_due(step: int, total: int, steps_per_epoch: int, every_epochs: int) -> bool:
@@ -625,7 +633,8 @@ class StepLogger:
         if self.steps_in_window == 0:
             self.t_window = time.perf_counter()
 
-    def log(self, step: int, mean: np.ndarray, lr: float) -> Dict:
+    def log(self, step: int, mean: np.ndarray, lr: float, extra: Optional[Mapping[str, float]] = None) -> Dict:
+        """extra: more fields of the step object (`log_fields()`, e.g. MindSpore's skipped_steps)."""
         elapsed = time.perf_counter() - self.t_window
         record = {"step": step, "epoch": (step - 1) // self.steps_per_epoch, "loss": float(mean[0])}
         for k, v in enumerate(mean[1:]):
@@ -633,6 +642,7 @@ class StepLogger:
         record["lr"] = float(lr)
         record["images_per_s"] = self.images_per_step * self.steps_in_window / max(elapsed, 1e-9)
         record["step_time_s"] = elapsed / self.steps_in_window
+        record.update(extra or {})
         if self.main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -645,6 +655,26 @@ class StepLogger:
                 print(f"step {step}/{self.total} epoch {record['epoch']} loss {record['loss']:.4f} "
                       f"lr {record['lr']:.3e} {record['images_per_s']:.1f} img/s", flush=True)
         self.t_window, self.steps_in_window = time.perf_counter(), 0
+        return record
+
+    def log_eval(self, step: int, evaluate: Callable[[int], Mapping[str, float]]) -> Dict:
+        """Run evaluate(step) (on every rank) and write its record {"step", "epoch", **metrics} to
+        log.jsonl, the board and the console; the evaluation's time is kept out of images_per_s."""
+        start = time.perf_counter()
+        record = {"step": step, "epoch": (step - 1) // self.steps_per_epoch}
+        record.update({k: float(v) for k, v in evaluate(step).items()})
+        self.t_window += time.perf_counter() - start
+        if self.main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.board is not None:
+                self.board.scalars(step, record)
+            shown = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "epoch"))
+            line = f"eval step {step}/{self.total} epoch {record['epoch']} {shown}"
+            if self.bar is not None:
+                self.bar.write(line)
+            else:
+                print(line, flush=True)
         return record
 
     def figure(self, step: int, make: Callable[[int], np.ndarray]) -> None:

@@ -24,14 +24,18 @@ __all__ = [
 # command -> (one-line help, why it may be missing)
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "pretrain": ("LocalMIM pretraining from a YAML config (torch or mindspore backend)", ""),
-    "finetune": ("fine-tune a pretrained encoder for classification", "the fine-tuning loop is planned"),
+    "finetune": ("fine-tune a pretrained encoder for image classification, or evaluate a fine-tuned one", ""),
     "convert": ("convert checkpoints between PyTorch, MindSpore, official LocalMIM/MAE and timm", ""),
     "visualize": ("render a checkpoint's multi-scale reconstructions of one image as a PNG", ""),
     "plot": ("draw a run's log.jsonl (losses per branch, lr, accuracies) as RUN_DIR/loss.png", ""),
     "bench": ("measure training throughput (images/s, step time, memory, MFU)", ""),
     "demo": ("train the small demo model on the bundled photographs and render a reconstruction", ""),
     "parity": ("compare the PyTorch and MindSpore backends on the same weights, images and masks", ""),
+    "eval": ("quick evaluation of a pretrained encoder: k-NN or linear probe (top-1 / top-5)", ""),
+    "data": ("write a labelled dataset that ships in a package as train/ and val/ class folders", ""),
 }
+# commands whose module is not localmim.tools.<command>
+COMMAND_MODULES: Dict[str, str] = {"eval": "evaluate", "data": "datasets"}
 BACKENDS = ("torch", "mindspore")
 # Exit statuses (README "Command line"); 75 is backends.runs.PREEMPTED_EXIT_STATUS (EX_TEMPFAIL).
 EXIT_STATUS_HELP = ("exit status: 0 done; 2 a user error or a checkpoint that cannot be written (one line on "
@@ -69,18 +73,20 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_config: Option
                         help="config overrides, e.g. optim.blr=1e-4 model.taps=[1,3,5,7]")
 
 
-def config_from_args(args: argparse.Namespace, default_config: Optional[str] = None):
-    """Load the config named by --config, apply overrides, then --data/--output/--max-steps/--device."""
+def config_from_args(args: argparse.Namespace, default_config: Optional[str] = None, kind: str = "pretrain"):
+    """Load the config of `kind` named by --config, apply overrides, then
+    --data/--output/--max-steps/--device."""
     from localmim.core.config import ConfigError, load_config, validate_config
 
     name = getattr(args, "config", None) or default_config
     if not name:
-        raise ConfigError("no config given: pass --config FILE or a bundled name such as vit_base_hog")
+        example = "vit_base_hog" if kind == "pretrain" else "vit_base"
+        raise ConfigError(f"no config given: pass --config FILE or a bundled name such as {example}")
     overrides = list(getattr(args, "overrides", None) or [])
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"argument {bad[0]!r} is neither an option nor a section.key=value override")
-    cfg = load_config(name, overrides)
+    cfg = load_config(name, overrides, kind=kind)
     flags = []
     if getattr(args, "data", None) is not None:
         cfg.data.path = str(args.data)
@@ -135,7 +141,7 @@ def import_backend_module(backend: str, module: str):
 
 def _command_module(cmd: str):
     """The module of `cmd`, or None when it does not exist yet."""
-    name = f"localmim.tools.{cmd}"
+    name = f"localmim.tools.{COMMAND_MODULES.get(cmd, cmd)}"
     if importlib.util.find_spec(name) is None:
         return None
     module = importlib.import_module(name)

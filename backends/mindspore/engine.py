@@ -9,11 +9,13 @@ optimizer's per-group lr Parameters (lr x the group's lr_scale) before the step.
 
 The step: `mindspore.value_and_grad` of loss / accum_iter over the trainable parameters (summed
 over the micro-batches of a step), `nn.DistributedGradReducer` (mean) once per step under msrun,
-optional loss scaling (fp16, `mindspore.amp.DynamicLossScaler`, steps with non-finite gradients
-are skipped as GradScaler does), optional global-norm clipping, then
-`mindspore.experimental.optim.AdamW`. Unless `train.compile` is false, the gradient and update
-functions are compiled with `mindspore.jit` (graph mode); `train.compile=false` runs them in
-PyNative mode, for debugging.
+optional loss scaling (`train.loss_scale`, MindSpore's Static- / DynamicLossScaler; a step whose
+gradients overflow is skipped inside the graph and counted, as GradScaler does), optional
+global-norm clipping, then `mindspore.experimental.optim.AdamW`. Mixed precision
+(`train.precision`, `train.amp_level`) is MindSpore's amp on the encoder and decoders, the targets
+and the loss in float32 (amp.py). Unless `train.compile` is false, the gradient and update
+functions are compiled with `mindspore.jit` (graph mode, `train.jit_level`) in any precision;
+`train.compile=false` runs them in PyNative mode, for debugging.
 
 Swin models (spec.family "swin") train the same way on batches whose masks are a grouping plan
 (see data.py) instead of ViT masks. In PyNative mode the plans keep their natural shapes;
@@ -35,17 +37,18 @@ from localmim.backends import loop, runs
 from localmim.backends.runs import NonFiniteLossError
 from localmim.backends.mindspore import build_model
 from localmim.backends.mindspore import checkpoint as ckpt
+from localmim.backends.mindspore.amp import (
+    apply_mixed_precision, load_scaler_state, make_loss_scaler, resolve_amp_level, resolve_precision, scaler_state,
+)
 from localmim.backends.mindspore import data as data_mod
 from localmim.backends.mindspore import distributed as dist_utils
 from localmim.core import param_groups
 
 __all__ = [
-    "NonFiniteLossError", "LocalAdamW", "resolve_precision", "apply_mixed_precision", "make_loss_scaler",
-    "build_optimizer", "set_lr", "optimizer_state", "load_optimizer_state", "scaler_state", "load_scaler_state",
-    "batch_inputs", "TrainStep", "run_pretrain",
+    "NonFiniteLossError", "LocalAdamW", "resolve_precision", "resolve_amp_level", "apply_mixed_precision",
+    "make_loss_scaler", "build_optimizer", "set_lr", "optimizer_state", "load_optimizer_state", "scaler_state",
+    "load_scaler_state", "batch_inputs", "TrainStep", "run_pretrain",
 ]
-
-_LOSS_SCALE_INIT = 2.0 ** 16  # torch GradScaler's default, so both backends start alike
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -58,54 +61,6 @@ def batch_inputs(batch: Dict) -> Tuple[Tensor, Dict[str, Tensor]]:
         arr = np.asarray(value)
         masks[key] = ms.Tensor(arr.astype(np.int64) if arr.dtype.kind in "iu" else arr)
     return imgs, masks
-
-
-def resolve_precision(precision: str, device_target: str, use_jit: bool = False) -> str:
-    """auto -> bf16 on Ascend in PyNative mode, else fp32; fp32 | bf16 | fp16 pass through where
-    supported (see apply_mixed_precision for why low precision is PyNative only).
-
-    bf16 on CPU is an error: MindSpore's CPU MatMul has no bf16 kernel.
-    """
-    precision = (precision or "auto").lower()
-    if precision == "auto":
-        return "bf16" if device_target == "Ascend" and not use_jit else "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"train.precision {precision!r} must be one of auto, fp32, bf16, fp16")
-    if precision == "bf16" and device_target == "CPU":
-        raise ValueError("train.precision 'bf16' is not supported by MindSpore on CPU (no bf16 MatMul kernel); "
-                         "use fp32 (or fp16) on CPU, bf16 on Ascend")
-    return precision
-
-
-def apply_mixed_precision(model: nn.Cell, precision: str, use_jit: bool = False) -> None:
-    """Run the encoder and decoders in bf16 / fp16 (`Cell.to_float` on patch_embed, blocks, the
-    branch norms and the decoders); the HOG / pixel targets and the loss stay float32
-    (docs/method.md#a1, #a2). No-op for fp32.
-
-    Not `amp.auto_mixed_precision(..., "O1")`: in MindSpore 2.10 it rewrites the network's source
-    into ./rewritten_network and the rewritten CellList fails (NameError '_valid_index').
-    `to_float` runs in PyNative only: under ms.jit the fp16-input / fp32-weight MatMul is refused
-    ("input type must be same"), so low precision with train.compile is a clear error.
-    """
-    if precision == "fp32":
-        return
-    if use_jit:
-        raise ValueError(f"train.precision {precision!r} in graph mode (train.compile not false) is not supported "
-                         f"by the MindSpore backend (ms.jit refuses the mixed-dtype MatMul of Cell.to_float); set "
-                         f"train.compile=false or train.precision=fp32")
-    dtype = ms.bfloat16 if precision == "bf16" else ms.float16
-    # Swin: `encoder` holds patch_embed, stages and branch norms; targets live outside it
-    names = ("encoder", "decoder") if getattr(model.spec, "family", "vit") == "swin" else \
-        ("patch_embed", "blocks", "norm", "decoder")
-    for name in names:
-        getattr(model, name).to_float(dtype)
-
-
-def make_loss_scaler(precision: str):
-    """A DynamicLossScaler (init 2**16, factor 2, window 2000, as torch's GradScaler) for fp16."""
-    if precision != "fp16":
-        return None
-    return amp.DynamicLossScaler(scale_value=_LOSS_SCALE_INIT, scale_factor=2, scale_window=2000)
 
 
 class LocalAdamW(AdamW):
@@ -129,16 +84,19 @@ class LocalAdamW(AdamW):
         return True
 
 
-def build_optimizer(model: nn.Cell, cfg) -> AdamW:
-    """AdamW over core.param_groups.pretrain_param_groups (frozen = parameters without grad).
+def build_optimizer(model: nn.Cell, cfg, groups: Optional[List[Dict]] = None) -> AdamW:
+    """AdamW over core param groups: `groups` (names, weight_decay, lr_scale; fine-tuning passes
+    core.param_groups.finetune_param_groups) or by default core.param_groups.pretrain_param_groups
+    (frozen = parameters without grad).
 
     Each MindSpore group keeps the core group's "name" and "lr_scale"; `set_lr` applies them.
     """
     named = {p.name: p for p in model.get_parameters()}
-    shapes = {n: tuple(p.shape) for n, p in named.items()}
-    frozen = [n for n, p in named.items() if not p.requires_grad]
-    groups = param_groups.pretrain_param_groups(shapes, float(cfg.optim.weight_decay),
-                                                getattr(model.spec, "family", "vit"), frozen=frozen)
+    if groups is None:
+        shapes = {n: tuple(p.shape) for n, p in named.items()}
+        frozen = [n for n, p in named.items() if not p.requires_grad]
+        groups = param_groups.pretrain_param_groups(shapes, float(cfg.optim.weight_decay),
+                                                    getattr(model.spec, "family", "vit"), frozen=frozen)
     betas = tuple(float(b) for b in cfg.optim.betas)
     if len(betas) != 2:
         raise ValueError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
@@ -181,22 +139,6 @@ def load_optimizer_state(optimizer: AdamW, state: Dict[str, np.ndarray], path: s
     ops.assign(optimizer.state_step, ms.Tensor(step.astype(np.int32)))
 
 
-def scaler_state(scaler) -> Optional[Dict[str, np.ndarray]]:
-    if scaler is None:
-        return None
-    return {"scale_value": scaler.scale_value.asnumpy().reshape(()).copy(),
-            "counter": scaler.counter.asnumpy().reshape(()).copy(),
-            "scale_factor": np.array(scaler.scale_factor, np.int64),
-            "scale_window": np.array(scaler.scale_window, np.int64)}
-
-
-def load_scaler_state(scaler, state: Optional[Dict[str, np.ndarray]]) -> None:
-    if scaler is None or not state:
-        return
-    ops.assign(scaler.scale_value, ms.Tensor(np.asarray(state["scale_value"], np.float32).reshape(())))
-    ops.assign(scaler.counter, ms.Tensor(np.asarray(state["counter"], np.int32).reshape(())))
-
-
 # ---------------------------------------------------------------------------------------- step
 _hyper_map = ops.HyperMap()
 
@@ -206,30 +148,48 @@ class TrainStep:
     backends/loop.py).
 
     Each micro-batch: `value_and_grad` of loss * loss_scale / accum w.r.t. optimizer.parameters,
-    the gradients and the loss row [loss, loss_b0, ...] / accum summed on the device. apply():
-    mean over ranks (`reducer`, msrun), unscale and finiteness check (fp16, `scaler`: a step whose
-    gradients overflow is skipped and the scale lowered, as GradScaler does), global-norm clipping,
-    AdamW. With use_jit the gradient, accumulation and update functions are compiled (ms.jit).
-    Nothing waits for the device except the fp16 overflow check, which reads one boolean per step.
+    the gradients and the loss row [loss, loss_b0, ...] / accum summed on the device. apply(), one
+    graph: mean over ranks (`reducer`, msrun), unscale and `mindspore.amp.all_finite` (`scaler`, a
+    Static- or DynamicLossScaler: a step whose gradients overflow is skipped inside the graph, the
+    dynamic scale adjusted and `skipped_steps` counted, as GradScaler does), global-norm clipping,
+    AdamW. With use_jit the gradient, accumulation and update functions are compiled (ms.jit at
+    `jit_level`, None: MindSpore's default). In graph mode nothing waits for the device; in
+    PyNative mode the overflow check reads one boolean per step.
     """
 
     def __init__(self, model: nn.Cell, optimizer: AdamW, *, accum: int, scaler=None, reducer=None,
-                 clip_grad: Optional[float] = None, use_jit: bool = False):
+                 clip_grad: Optional[float] = None, use_jit: bool = False, jit_level: Optional[str] = None):
         self.model, self.optimizer, self.scaler, self.reducer = model, optimizer, scaler, reducer
         self.inv_accum = 1.0 / float(accum)
         self.clip = float(clip_grad) if clip_grad else None
+        # steps skipped for overflow, counted on the device (checkpointed with the scaler state)
+        self.skipped = ms.Parameter(ms.Tensor(0, ms.int32), name="skipped_steps", requires_grad=False)
         self.grad_fn = ms.value_and_grad(self._forward, None, optimizer.parameters, has_aux=True)
-        wrap = ms.jit if use_jit else (lambda f: f)
+        if use_jit:
+            options = {"jit_level": jit_level} if jit_level else {}
+            wrap = lambda f: ms.jit(f, **options)  # noqa: E731
+        else:
+            wrap = lambda f: f  # noqa: E731
         self._micro = wrap(self._micro_grads)
         self._accumulate = wrap(self._add)
         self._finish = wrap(self._finish_grads)
-        self._apply = wrap(self._apply_grads)
+        self._update = wrap(self._update_params)
         self._grads, self._row = None, None
         model.set_train(True)
 
     # compiled pieces
+    def losses(self, imgs, masks):
+        """(loss, the rest of the loss row) of one micro-batch, inside the graph: pretraining's
+        total and branch losses."""
+        return self.model(imgs, masks)
+
+    @staticmethod
+    def inputs(batch: Dict):
+        """A loader batch as the two arguments of `losses` (Tensors)."""
+        return batch_inputs(batch)
+
     def _forward(self, imgs, masks):
-        loss, branch_losses = self.model(imgs, masks)
+        loss, branch_losses = self.losses(imgs, masks)
         scaled = loss * self.inv_accum
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
@@ -245,20 +205,30 @@ class TrainStep:
         return _hyper_map(ops.add, acc, new)
 
     def _finish_grads(self, grads):
+        """Reduce over ranks, unscale, check finiteness, clip -> (grads, finite)."""
         if self.reducer is not None:
             grads = self.reducer(grads)
         finite = ops.ones((), ms.bool_)
         if self.scaler is not None:
             grads = self.scaler.unscale(grads)
             finite = amp.all_finite(grads)
-            self.scaler.adjust(finite)
         if self.clip is not None:
             grads = ops.clip_by_global_norm(grads, self.clip)
         return grads, finite
 
-    def _apply_grads(self, grads):
-        self.optimizer(grads)
-        return True
+    def _update_params(self, grads):
+        """_finish_grads, then AdamW unless the gradients overflowed: the whole step is skipped (no
+        moment decay, no weight decay, state_step unchanged), the dynamic scale lowered and the
+        skip counted. The branch is graph control flow: no host sync."""
+        grads, finite = self._finish_grads(grads)
+        if self.scaler is None:
+            self.optimizer(grads)
+            return finite
+        self.scaler.adjust(finite)
+        if finite:
+            self.optimizer(grads)
+        ops.assign_add(self.skipped, ops.logical_not(finite).astype(ms.int32))
+        return finite
 
     # the step object
     def set_lr(self, lr: float) -> None:
@@ -267,7 +237,7 @@ class TrainStep:
     def micro(self, batch: Dict, sync: bool = True) -> None:
         """Gradient and loss row of one micro-batch, added to the step's sums (sync: unused, the
         reducer runs once per step in apply)."""
-        imgs, masks = batch_inputs(batch)
+        imgs, masks = self.inputs(batch)
         # mutable: a dict / tuple of Tensors passed to a jit function is otherwise taken as
         # constants, dumped in warnings and recompiled on every new value (MindSpore 2.10; a Swin
         # plan took ~13 s a step instead of 0.25 s); in PyNative it changes nothing.
@@ -280,11 +250,17 @@ class TrainStep:
 
     def apply(self) -> Tensor:
         """The AdamW update from the summed gradients -> the step's loss row (a Tensor)."""
-        grads, finite = self._finish(ms.mutable(tuple(self._grads)))
-        if self.scaler is None or bool(finite.asnumpy()):
-            self._apply(ms.mutable(tuple(grads)))
+        self._update(ms.mutable(tuple(self._grads)))
         row, self._grads, self._row = self._row, None, None
         return row
+
+    def skipped_steps(self) -> int:
+        """Steps skipped so far because their gradients overflowed (one host read)."""
+        return int(self.skipped.asnumpy())
+
+    def log_fields(self) -> Dict[str, int]:
+        """Extra log.jsonl fields at a log line: {"skipped_steps": n} when the loss is scaled."""
+        return {"skipped_steps": self.skipped_steps()} if self.scaler is not None else {}
 
     @staticmethod
     def gather(rows: List) -> np.ndarray:
@@ -293,13 +269,15 @@ class TrainStep:
         return dist_utils.all_reduce_mean(rows)
 
     def states(self) -> Tuple[Dict, Dict, Optional[Dict]]:
-        return self.model.export_state(), optimizer_state(self.optimizer), scaler_state(self.scaler)
+        scaler = scaler_state(self.scaler, self.skipped_steps()) if self.scaler is not None else None
+        return self.model.export_state(), optimizer_state(self.optimizer), scaler
 
     def load_states(self, payload: Dict, path: str) -> None:
         """Model, optimizer and scaler state of a checkpoint payload (`path` names it in errors)."""
         self.model.import_state(payload["model"])
         load_optimizer_state(self.optimizer, payload["optimizer"], path)
-        load_scaler_state(self.scaler, payload.get("scaler"))
+        skipped = load_scaler_state(self.scaler, payload.get("scaler"), path)
+        ops.assign(self.skipped, ms.Tensor(skipped, ms.int32))
 
     def model_shapes(self) -> Dict[str, tuple]:
         return self.model.state_shapes()
@@ -322,24 +300,31 @@ def run_pretrain(cfg) -> Dict:
 def _run(cfg, spec, rank: int, world: int, target: str) -> Dict:
     os.makedirs(os.path.abspath(cfg.train.output_dir), exist_ok=True)
     use_jit = cfg.train.compile is not False  # None (the default) means graph mode, MindSpore's fast path
-    precision = resolve_precision(cfg.train.precision, target, use_jit=use_jit)
+    precision = resolve_precision(cfg.train.precision, target)
+    amp_level = resolve_amp_level(cfg.train.amp_level, precision)
 
     # Same seed on every rank: identical initial weights without a broadcast.
     ms.set_seed(int(cfg.train.seed))
     loop.seed_host(cfg.train.seed)
     model = build_model(spec)
-    apply_mixed_precision(model, precision, use_jit=use_jit)
+    apply_mixed_precision(model, precision, amp_level)
     optimizer = build_optimizer(model, cfg)
     reducer = nn.DistributedGradReducer(optimizer.parameters, mean=True, degree=world) if world > 1 else None
-    stepper = TrainStep(model, optimizer, accum=runs.accum_steps(cfg), scaler=make_loss_scaler(precision),
-                        reducer=reducer, clip_grad=cfg.optim.clip_grad, use_jit=use_jit)
+    stepper = TrainStep(model, optimizer, accum=runs.accum_steps(cfg),
+                        scaler=make_loss_scaler(cfg.train.loss_scale, precision), reducer=reducer,
+                        clip_grad=cfg.optim.clip_grad, use_jit=use_jit, jit_level=cfg.train.jit_level)
     loader, sampler = data_mod.build_pretrain_loader(cfg, spec, rank=rank, world=world, static_plans=use_jit)
     figure = None  # rank 0's TensorBoard reconstruction figure (tools/visualize.py rendering)
     if rank == 0 and cfg.train.tensorboard and cfg.train.tensorboard_images_every_epochs:
         from localmim.tools.visualize import training_figure
         figure = training_figure("mindspore", model, cfg)
+    evaluate = None  # periodic k-NN on eval.knn_data, logged beside the loss (tools/evaluate.py)
+    if cfg.eval.knn_data:
+        from localmim.tools.evaluate import knn_hook
+        evaluate = knn_hook("mindspore", model, cfg)
     try:
         return loop.train(cfg, stepper, loader, sampler, ckpt, rank=rank, world=world, on_cpu=target == "CPU",
-                          barrier=dist_utils.barrier, any_rank=dist_utils.any_rank, figure=figure)
+                          barrier=dist_utils.barrier, any_rank=dist_utils.any_rank, figure=figure,
+                          evaluate=evaluate, eval_every_epochs=cfg.eval.every_epochs)
     finally:
         loader.close()

@@ -27,7 +27,7 @@ from localmim.core import param_groups
 
 __all__ = [
     "NonFiniteLossError", "resolve_precision", "autocast_context", "make_grad_scaler", "build_optimizer",
-    "set_lr", "batch_inputs", "TrainStep", "run_pretrain",
+    "set_lr", "batch_inputs", "compile_forward", "build_train_step", "build_loader", "TrainStep", "run_pretrain",
 ]
 
 
@@ -65,16 +65,20 @@ def make_grad_scaler(precision: str, device: torch.device) -> Optional[torch.amp
     return torch.amp.GradScaler(device.type)
 
 
-def build_optimizer(model: torch.nn.Module, cfg, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW over core.param_groups.pretrain_param_groups (frozen = parameters without grad).
+def build_optimizer(model: torch.nn.Module, cfg, fused: bool = False,
+                    groups: Optional[List[Dict]] = None) -> torch.optim.AdamW:
+    """AdamW over core param groups: `groups` (names, weight_decay, lr_scale; fine-tuning passes
+    core.param_groups.finetune_param_groups) or by default core.param_groups.pretrain_param_groups
+    (frozen = parameters without grad).
 
     Each torch param group keeps the core group's "name" and "lr_scale"; `set_lr` applies them.
     """
     named = dict(model.named_parameters())
-    shapes = {n: tuple(p.shape) for n, p in named.items()}
-    frozen = [n for n, p in named.items() if not p.requires_grad]
-    groups = param_groups.pretrain_param_groups(shapes, cfg.optim.weight_decay, getattr(model.spec, "family", "vit"),
-                                                frozen=frozen)
+    if groups is None:
+        shapes = {n: tuple(p.shape) for n, p in named.items()}
+        frozen = [n for n, p in named.items() if not p.requires_grad]
+        groups = param_groups.pretrain_param_groups(shapes, cfg.optim.weight_decay,
+                                                    getattr(model.spec, "family", "vit"), frozen=frozen)
     torch_groups = [{"params": [named[n] for n in g["params"]], "weight_decay": g["weight_decay"],
                      "lr_scale": float(g.get("lr_scale", 1.0)), "name": g["name"]} for g in groups]
     betas = tuple(float(b) for b in cfg.optim.betas)
@@ -90,6 +94,40 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
+def compile_forward(net: torch.nn.Module, family: str, mode: Optional[str] = None, fullgraph: bool = True):
+    """torch.compile of the model's forward + loss (the backward follows through AOTAutograd).
+
+    fullgraph: one graph, an error on any graph break (DDP splits the graph at its gradient
+    buckets, so a wrapped model compiles with fullgraph=False). ViT batches always have the same
+    shapes, so the graph is static (dynamic=False), which CUDA graphs ("reduce-overhead") can
+    capture; a Swin plan's group counts change with the mask, so Swin uses automatic dynamic shapes
+    (one recompile makes them symbolic). mode: None or "default", "reduce-overhead",
+    "max-autotune", "max-autotune-no-cudagraphs" (train.compile_mode).
+    """
+    mode = None if mode in (None, "default") else mode
+    return torch.compile(net, fullgraph=fullgraph, mode=mode, dynamic=False if family == "vit" else None)
+
+
+def build_train_step(cfg, model: torch.nn.Module, device: torch.device, world: int = 1) -> "TrainStep":
+    """The TrainStep `cfg` asks for on `model` (already on `device`): AdamW over the core groups
+    (fused on CUDA), accumulation, precision, clipping, compile and compile mode. run_pretrain and
+    `localmim bench` both build their step here."""
+    optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
+    return TrainStep(model, optimizer, accum=runs.accum_steps(cfg),
+                     precision=resolve_precision(cfg.train.precision, device), device=device, world=world,
+                     clip_grad=cfg.optim.clip_grad, compile=bool(cfg.train.compile),
+                     compile_mode=getattr(cfg.train, "compile_mode", None))
+
+
+def build_loader(cfg, spec, device: torch.device, rank: int = 0, world: int = 1):
+    """(loader, batch_sampler) of `data.decode`: cpu decodes and crops in the loader workers (PIL,
+    data.py); gpu decodes the JPEGs on `device` with nvJPEG and crops there (gpu_data.py)."""
+    if getattr(cfg.data, "decode", "cpu") == "gpu":
+        from localmim.backends.torch import gpu_data
+        return gpu_data.build_gpu_decode_loader(cfg, spec, device, rank=rank, world=world)
+    return data_mod.build_pretrain_loader(cfg, spec, rank=rank, world=world, pin_memory=device.type == "cuda")
+
+
 # ---------------------------------------------------------------------------------------- step
 class TrainStep:
     """One optimizer step of pretraining, micro-batch by micro-batch (the step object of
@@ -97,40 +135,53 @@ class TrainStep:
 
     model: the LocalMIM model on its device; optimizer: `build_optimizer(model, cfg)`. world > 1
     wraps the model in DistributedDataParallel (gradients reduced on the last micro-batch of a
-    step); compile adds torch.compile. precision "fp16" scales the loss with a GradScaler (steps
-    whose gradients overflow are skipped), "bf16" / "fp16" run the forward under autocast; targets
-    and the loss stay fp32 (the model). Loss rows stay on the device until `gather`.
+    step); compile runs the forward + loss through `compile_forward` (torch.compile, mode
+    `compile_mode`). precision "fp16" scales the loss with a GradScaler (steps whose gradients
+    overflow are skipped), "bf16" / "fp16" run the forward under autocast; targets and the loss stay
+    fp32 (the model). Loss rows stay on the device until `gather`: no host sync in the step.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, accum: int, precision: str,
-                 device: torch.device, world: int = 1, clip_grad: Optional[float] = None, compile: bool = False):
+                 device: torch.device, world: int = 1, clip_grad: Optional[float] = None, compile: bool = False,
+                 compile_mode: Optional[str] = None):
         self.model, self.optimizer, self.device = model, optimizer, device
         self.accum, self.precision, self.world = int(accum), precision, int(world)
         self.clip = float(clip_grad) if clip_grad else None
         self.scaler = make_grad_scaler(precision, device)
         self.net = model
         if world > 1:
-            spec = model.spec  # ViT blocks after the last tap never run
-            unused = spec.family == "vit" and spec.taps[-1] < spec.depth - 1
             self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                               find_unused_parameters=unused)
-        self.forward = torch.compile(self.net) if compile else self.net
+                                               find_unused_parameters=self.has_unused_parameters(model))
+        family = getattr(getattr(model, "spec", None), "family", "vit")
+        self.forward = compile_forward(self.net, family, compile_mode, fullgraph=world == 1) if compile else self.net
         self._row: Optional[torch.Tensor] = None
         model.train()
         optimizer.zero_grad(set_to_none=True)
 
+    @staticmethod
+    def has_unused_parameters(model: torch.nn.Module) -> bool:
+        """Whether some parameters get no gradient (DDP must then not wait for them): the ViT
+        blocks after the last tap, which pretraining never runs."""
+        spec = model.spec
+        return spec.family == "vit" and spec.taps[-1] < spec.depth - 1
+
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
+
+    def losses(self, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(loss, the rest of the loss row) of one micro-batch, under autocast: pretraining's total
+        and branch losses."""
+        return self.forward(*batch_inputs(batch, self.device))
 
     def micro(self, batch: Dict, sync: bool = True) -> None:
         """Forward and backward of one micro-batch; the gradient of loss / accum is added to .grad."""
         no_sync = self.world > 1 and not sync
         with self.net.no_sync() if no_sync else contextlib.nullcontext():
             with autocast_context(self.precision, self.device):
-                loss, branch_losses = self.forward(*batch_inputs(batch, self.device))
+                loss, rest = self.losses(batch)
             scaled = loss / self.accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-        row = torch.cat([loss.detach().float().reshape(1), branch_losses.detach().float().reshape(-1)]) / self.accum
+        row = torch.cat([loss.detach().float().reshape(1), rest.detach().float().reshape(-1)]) / self.accum
         self._row = row if self._row is None else self._row + row
 
     def apply(self) -> torch.Tensor:
@@ -192,15 +243,16 @@ def _run(cfg, spec, rank: int, world: int, device: torch.device) -> Dict:
     torch.manual_seed(int(cfg.train.seed))
     loop.seed_host(cfg.train.seed)
     model = build_model(spec).to(device)
-    optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
-    stepper = TrainStep(model, optimizer, accum=runs.accum_steps(cfg),
-                        precision=resolve_precision(cfg.train.precision, device), device=device, world=world,
-                        clip_grad=cfg.optim.clip_grad, compile=bool(cfg.train.compile))
-    loader, sampler = data_mod.build_pretrain_loader(cfg, spec, rank=rank, world=world,
-                                                     pin_memory=device.type == "cuda")
+    stepper = build_train_step(cfg, model, device, world)
+    loader, sampler = build_loader(cfg, spec, device, rank=rank, world=world)
     figure = None  # rank 0's TensorBoard reconstruction figure (tools/visualize.py rendering)
     if rank == 0 and cfg.train.tensorboard and cfg.train.tensorboard_images_every_epochs:
         from localmim.tools.visualize import training_figure
         figure = training_figure("torch", model, cfg)
+    evaluate = None  # periodic k-NN on eval.knn_data, logged beside the loss (tools/evaluate.py)
+    if cfg.eval.knn_data:
+        from localmim.tools.evaluate import knn_hook
+        evaluate = knn_hook("torch", model, cfg)
     return loop.train(cfg, stepper, loader, sampler, ckpt, rank=rank, world=world, on_cpu=device.type == "cpu",
-                      barrier=dist_utils.barrier, any_rank=dist_utils.any_rank, figure=figure)
+                      barrier=dist_utils.barrier, any_rank=dist_utils.any_rank, figure=figure,
+                      evaluate=evaluate, eval_every_epochs=cfg.eval.every_epochs)

@@ -53,10 +53,10 @@ def test_pretrain_help_shows_shared_options(capsys):
         assert opt in out
 
 
-def test_command_not_built_exits_2_with_one_line(capsys):
+def test_finetune_config_not_found_exits_2_with_one_line(capsys):
     code, out, err = run_cli(capsys, "finetune", "--config", "x.yaml")
     assert code == 2 and out == ""
-    assert one_line(err).startswith("localmim finetune: not available yet (")
+    assert one_line(err).startswith("localmim finetune: config 'x.yaml' not found") and "vit_base" in err
 
 
 def test_missing_command_module_is_reported(capsys, monkeypatch):

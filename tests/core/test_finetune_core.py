@@ -1,0 +1,85 @@
+"""core.mixup, core.metrics and core.classifier against hand-derived values."""
+import numpy as np
+import pytest
+
+from localmim.core import classifier as C
+from localmim.core import mixup as M
+from localmim.core.metrics import EvalSums, cross_entropy_sum, topk_hits
+from localmim.core.specs import get_spec
+from localmim.core.state import StateError, vit_canonical_shapes
+
+
+class _Replay:
+    """A generator that returns fixed draws in order (random(), beta(), integers())."""
+
+    def __init__(self, *draws):
+        self.draws = list(draws)
+
+    def random(self):
+        return self.draws.pop(0)
+
+    def beta(self, a, b):
+        return self.draws.pop(0)
+
+    def integers(self, lo, hi):
+        return self.draws.pop(0)
+
+
+def test_smoothed_one_hot_and_mixed_targets_by_hand():
+    y = M.smooth_one_hot(np.array([0, 2]), 4, 0.1)
+    np.testing.assert_allclose(y, [[0.925, 0.025, 0.025, 0.025], [0.025, 0.025, 0.925, 0.025]], rtol=1e-6)
+    t = M.mix_targets(np.array([0, 2]), 4, 0.7, 0.1)
+    # row 0: 0.7 * smooth(0) + 0.3 * smooth(2)
+    np.testing.assert_allclose(t[0], [0.7 * 0.925 + 0.3 * 0.025, 0.025, 0.7 * 0.025 + 0.3 * 0.925, 0.025], rtol=1e-6)
+    np.testing.assert_allclose(t.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_mixup_and_cutmix_images_by_hand():
+    x = np.arange(2 * 1 * 4 * 4, dtype=np.float32).reshape(2, 1, 4, 4)
+    cfg = M.MixupConfig()
+    # mixed (0.5 < prob 1), mixup (0.9 >= switch 0.5), lam 0.75
+    p = M.draw_mix_params(_Replay(0.5, 0.9, 0.75), cfg, 4, 4)
+    assert p == M.MixParams(0.75)
+    np.testing.assert_allclose(M.mix_images(x, p), 0.75 * x + 0.25 * x[::-1])
+    # cutmix (0.1 < 0.5), lam 0.75 -> side sqrt(0.25) * 4 = 2, centre (1, 3): rows 0:2, cols 2:4
+    p = M.draw_mix_params(_Replay(0.5, 0.1, 0.75, 1, 3), cfg, 4, 4)
+    assert p.box == (0, 2, 2, 4) and p.lam == pytest.approx(1 - 4 / 16)
+    mixed = M.mix_images(x, p)
+    np.testing.assert_array_equal(mixed[0, :, 0:2, 2:4], x[1, :, 0:2, 2:4])
+    np.testing.assert_array_equal(mixed[0, :, 2:, :], x[0, :, 2:, :])
+    # not mixed at all: draw >= prob
+    assert M.draw_mix_params(_Replay(1.0), M.MixupConfig(prob=0.5), 4, 4) == M.MixParams(1.0)
+    with pytest.raises(ValueError, match="even batch"):
+        M.mix_batch(x[:1], np.array([0]), 3, cfg, np.random.default_rng(0))
+
+
+def test_topk_and_cross_entropy_by_hand():
+    logits = np.array([[3.0, 1.0, 2.0], [0.0, 5.0, 1.0], [1.0, 2.0, 3.0], [2.0, 2.0, 0.0]])
+    labels = np.array([2, 1, 0, 1])
+    # ranks of the label: 1 (second), 0, 2, 1 (a tie with class 0 goes to class 0 first)
+    np.testing.assert_array_equal(topk_hits(logits, labels, (1, 2, 5)), [1, 3, 4])
+    z = logits[0] - logits[0].max()
+    want = -(z[2] - np.log(np.exp(z).sum()))
+    assert cross_entropy_sum(logits[:1], labels[:1]) == pytest.approx(want)
+    whole, halves = EvalSums(), [EvalSums(), EvalSums()]
+    whole.add(logits, labels)
+    halves[0].add(logits[::2], labels[::2])
+    halves[1].add(logits[1::2], labels[1::2])
+    combined = EvalSums().load_array(halves[0].as_array() + halves[1].as_array())
+    assert combined.metrics() == pytest.approx(whole.metrics())
+    assert whole.metrics()["val_acc1"] == pytest.approx(25.0) and whole.metrics()["val_acc5"] == pytest.approx(100.0)
+
+
+def test_classifier_state_keeps_the_encoder_and_maps_the_last_norm():
+    spec = get_spec("vit_tiny_test")
+    rng = np.random.default_rng(0)
+    canon = {k: rng.standard_normal(s).astype(np.float32) for k, s in vit_canonical_shapes(spec).items()}
+    avg = C.vit_classifier_state(canon, spec, "avg")
+    assert not any(k.startswith(("decoder", "hog_enc", "norm")) for k in avg)
+    assert set(avg) | {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"} == set(
+        C.vit_classifier_shapes(spec, 7, "avg"))
+    token = C.vit_classifier_state(canon, spec, "token")
+    np.testing.assert_array_equal(token["norm.weight"], canon[f"norm.{len(spec.taps) - 1}.weight"])
+    del canon["blocks.1.attn.qkv.weight"]
+    with pytest.raises(StateError, match="blocks.1.attn.qkv.weight"):
+        C.vit_classifier_state(canon, spec, "avg", what="x.pth")
