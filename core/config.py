@@ -1,8 +1,8 @@
 """Typed, validated configuration: YAML recipes plus command-line `key=value` overrides.
 
 The dataclasses below are the contract that both backends' engines read. Each kind of run has its
-config class (CONFIG_KINDS: "pretrain" -> PretrainConfig, "finetune" -> FinetuneConfig), whose
-fields are its sections; a config file is YAML with those sections (pretraining: `model`, `target`,
+config class (CONFIG_KINDS: "pretrain" -> PretrainConfig, "finetune" -> FinetuneConfig,
+"linprobe" -> LinprobeConfig), whose fields are its sections; a config file is YAML with those sections (pretraining: `model`, `target`,
 `mask`, `data`, `optim`, `train`); missing sections or keys keep their defaults, unknown ones are
 errors that name the file and suggest the closest key.
 
