@@ -20,12 +20,49 @@ import numpy as np
 from localmim.backends import labelled
 from localmim.backends.runs import config_to_dict
 from localmim.core import mixup as core_mixup
+from localmim.core import param_groups
 from localmim.core.metrics import EvalSums
+from localmim.core.specs import ViTSpec
 
-__all__ = ["training_splits", "mixup_config", "FinetuneCollate", "shard_split", "evaluate_split",
-           "BestCheckpoint", "BEST_NAME"]
+__all__ = ["build_classifier", "read_vit_encoder", "layer_decay_groups", "training_splits", "checkpoint_eval_split", "mixup_config",
+           "FinetuneCollate", "shard_split", "evaluate_split", "BestCheckpoint", "BEST_NAME"]
 
 BEST_NAME = "checkpoint-best"
+
+
+def build_classifier(cfg, num_classes: int, classifier, load_classifier):
+    """The classifier of cfg.model with a backend's ViTClassifier class / load_vit_classifier: its
+    encoder from model.pretrained (resampled to the config's size) or, without one, freshly
+    initialised from the spec."""
+    m = cfg.model
+    spec = cfg.build_spec()
+    if not isinstance(spec, ViTSpec):
+        raise ValueError(f"fine-tuning {spec.name}: only ViT classifiers are built so far (Swin is not)")
+    if m.pretrained:
+        return load_classifier(os.path.expanduser(m.pretrained), num_classes, m.global_pool, m.drop_path,
+                               img_size=spec.img_size)
+    return classifier(spec, num_classes, m.global_pool, m.drop_path)
+
+
+def read_vit_encoder(path: str, img_size: Optional[int] = None, layout: Optional[str] = None, **arch):
+    """(ViTSpec, canonical state) of a pretrained file of any layout (backends/weights.py, its
+    position table resampled to img_size when given); a file of another family raises a
+    ValueError naming it."""
+    from localmim.backends.weights import read_pretrained
+    if img_size is not None:
+        arch["img_size"] = int(img_size)
+    spec, canonical, _ = read_pretrained(path, layout, **arch)
+    if not isinstance(spec, ViTSpec):
+        raise ValueError(f"{path} holds a {spec.family} encoder ({spec.name}); a ViT classifier needs a ViT one")
+    return spec, canonical
+
+
+def layer_decay_groups(shapes: Dict[str, tuple], frozen: Sequence[str], spec, cfg):
+    """core.param_groups.finetune_param_groups of a classifier's {name: shape} (parameter
+    order): layer-wise lr decay cfg.optim.layer_decay, the fine-tuning weight-decay exclusions."""
+    depth = spec.depth if spec.family == "vit" else tuple(spec.depths)
+    return param_groups.finetune_param_groups(shapes, cfg.optim.weight_decay, cfg.optim.layer_decay, spec.family,
+                                              depth, frozen=frozen)
 
 
 def training_splits(cfg) -> Tuple[labelled.LabelledSplit, labelled.LabelledSplit, int]:
@@ -49,6 +86,19 @@ def training_splits(cfg) -> Tuple[labelled.LabelledSplit, labelled.LabelledSplit
         raise labelled.LabelledDataError(f"model.num_classes = {cfg.model.num_classes} but {train.root} holds "
                                          f"{classes} class folders")
     return train, val, classes
+
+
+def checkpoint_eval_split(path: str, data: str, config: Dict, classes: Optional[int]):
+    """(FinetuneConfig, split) for scoring a fine-tuned checkpoint: its saved config and the
+    class folders of data/val (or of `data` itself); `classes` (the head's rows) must match them."""
+    from localmim.core.config import config_from_dict
+    cfg = config_from_dict(config, where=f"checkpoint {path} config", kind="finetune")
+    folder = os.path.join(data, "val") if os.path.isdir(os.path.join(data, "val")) else data
+    split = labelled.list_class_folder(folder)
+    if classes is not None and len(split.classes) != classes:
+        raise labelled.LabelledDataError(f"{folder} holds {len(split.classes)} class folders but checkpoint {path} "
+                                         f"classifies {classes} classes")
+    return cfg, split
 
 
 def mixup_config(cfg) -> core_mixup.MixupConfig:

@@ -22,10 +22,15 @@ import numpy as np
 from localmim.core.specs import ViTSpec
 from localmim.core.state import check_state, vit_encoder_shapes
 
-__all__ = ["GLOBAL_POOLS", "HEAD_INIT_STD", "vit_classifier_shapes", "vit_classifier_state"]
+__all__ = ["GLOBAL_POOLS", "HEAD_INIT_STD", "drop_path_rates", "vit_classifier_shapes", "vit_classifier_state"]
 
 GLOBAL_POOLS = ("avg", "token")
 HEAD_INIT_STD = 2e-5  # trunc_normal std of the head weight (docs/method.md#fine-tuning)
+
+
+def drop_path_rates(drop_path: float, depth: int) -> list:
+    """Stochastic-depth probability of each block: linear from 0 to drop_path (timm's rule)."""
+    return [float(x) for x in np.linspace(0.0, float(drop_path), int(depth))]
 
 
 def _check_pool(global_pool: str) -> str:

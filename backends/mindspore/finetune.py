@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -32,8 +32,6 @@ from localmim.backends.mindspore import distributed as dist_utils
 from localmim.backends.mindspore.data import PretrainLoader, ShardedBatchSampler
 from localmim.backends.mindspore.engine import TrainStep, build_optimizer
 from localmim.backends.mindspore.vit_classifier import ViTClassifier, load_vit_classifier
-from localmim.core import param_groups
-from localmim.core.specs import ViTSpec
 
 __all__ = ["soft_target_cross_entropy", "finetune_groups", "build_classifier", "FinetuneStep",
            "TrainingTransform", "FinetuneDataset", "build_finetune_loader", "predict_logits", "run_finetune",
@@ -48,26 +46,15 @@ def soft_target_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def finetune_groups(model, cfg) -> List[Dict]:
-    """core.param_groups.finetune_param_groups of a classifier (layer-wise lr decay)."""
+    """The layer-wise lr decay groups of a classifier (backends.finetune.layer_decay_groups)."""
     shapes = {p.name: tuple(p.shape) for p in model.get_parameters()}
     frozen = [p.name for p in model.get_parameters() if not p.requires_grad]
-    spec = model.spec
-    depth = spec.depth if spec.family == "vit" else tuple(spec.depths)
-    return param_groups.finetune_param_groups(shapes, cfg.optim.weight_decay, cfg.optim.layer_decay, spec.family,
-                                              depth, frozen=frozen)
+    return shared.layer_decay_groups(shapes, frozen, model.spec, cfg)
 
 
 def build_classifier(cfg, num_classes: int) -> ViTClassifier:
-    """The classifier of cfg.model: its encoder from model.pretrained (resampled to the config's
-    size) or, without one, freshly initialised from the spec."""
-    m = cfg.model
-    spec = cfg.build_spec()
-    if not isinstance(spec, ViTSpec):
-        raise ValueError(f"fine-tuning {spec.name}: only ViT classifiers are built so far (Swin is not)")
-    if m.pretrained:
-        return load_vit_classifier(os.path.expanduser(m.pretrained), num_classes, m.global_pool, m.drop_path,
-                                   img_size=spec.img_size)
-    return ViTClassifier(spec, num_classes, m.global_pool, m.drop_path)
+    """The classifier of cfg.model (backends.finetune.build_classifier with this backend's model)."""
+    return shared.build_classifier(cfg, num_classes, ViTClassifier, load_vit_classifier)
 
 
 class FinetuneStep(TrainStep):
@@ -223,17 +210,12 @@ def run_finetune(cfg) -> Dict:
 def evaluate_checkpoint(path: str, data: str, batch_size: int = 64, device: str = "auto") -> Dict[str, float]:
     """{"val_acc1", "val_acc5", "val_loss"} of a fine-tuned checkpoint on `data` (a folder with
     val/, or a folder of class folders), at the checkpoint's image size and evaluation crop."""
-    from localmim.core.config import config_from_dict
     dist_utils.init_distributed(device)
     payload = ckpt.load_checkpoint(path, require=("model", "config"))
-    cfg = config_from_dict(payload["config"], where=f"checkpoint {path} config", kind="finetune")
-    folder = os.path.join(data, "val") if os.path.isdir(os.path.join(data, "val")) else data
-    split = labelled.list_class_folder(folder)
     state = payload["model"]
-    classes = int(np.asarray(state["head.weight"]).shape[0]) if "head.weight" in state else len(split.classes)
-    if len(split.classes) != classes:
-        raise labelled.LabelledDataError(f"{folder} holds {len(split.classes)} class folders but checkpoint {path} "
-                                         f"classifies {classes} classes")
+    classes = int(np.asarray(state["head.weight"]).shape[0]) if "head.weight" in state else None
+    cfg, split = shared.checkpoint_eval_split(path, data, payload["config"], classes)
+    classes = classes if classes is not None else len(split.classes)
     spec = cfg.build_spec()
     model = ViTClassifier(spec, classes, cfg.model.global_pool)
     ckpt.check_model_state(path, state, model.state_shapes())

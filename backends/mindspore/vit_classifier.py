@@ -18,17 +18,13 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, TruncatedNormal, Uniform, initializer
 
 from localmim.backends.mindspore.layers import LN_EPS, Block, LayerNorm, Linear, PatchEmbed
-from localmim.core.classifier import HEAD_INIT_STD, vit_classifier_shapes, vit_classifier_state
+from localmim.core.classifier import HEAD_INIT_STD, drop_path_rates, vit_classifier_shapes, vit_classifier_state
 from localmim.core.pos_embed import sincos_2d
 from localmim.core.specs import ViTSpec
 from localmim.core.state import check_state
 
-__all__ = ["ViTClassifier", "drop_path_rates", "load_vit_classifier"]
+__all__ = ["ViTClassifier", "load_vit_classifier"]
 
-
-def drop_path_rates(drop_path: float, depth: int) -> list:
-    """Stochastic-depth probability of each block: linear from 0 to drop_path (timm's rule)."""
-    return [float(x) for x in np.linspace(0.0, float(drop_path), int(depth))]
 
 
 def _set(param: Parameter, init) -> None:
@@ -126,12 +122,8 @@ def load_vit_classifier(path: str, num_classes: int, global_pool: str = "avg", d
     """A ViTClassifier whose encoder comes from a pretrained file of any layout (read by the safe
     readers of backends/weights.py), its position table resampled to `img_size` when given. A file
     of another family, or an encoder key missing or mis-shaped, raises a ValueError naming the file."""
-    from localmim.backends.weights import read_pretrained
-    if img_size is not None:
-        arch["img_size"] = int(img_size)
-    spec, canonical, _ = read_pretrained(path, layout, **arch)
-    if not isinstance(spec, ViTSpec):
-        raise ValueError(f"{path} holds a {spec.family} encoder ({spec.name}); a ViT classifier needs a ViT one")
+    from localmim.backends.finetune import read_vit_encoder
+    spec, canonical = read_vit_encoder(path, img_size, layout, **arch)
     model = ViTClassifier(spec, num_classes, global_pool, drop_path)
     model.load_encoder(canonical, what=path)
     return model
