@@ -318,18 +318,16 @@ def open_tensorboard(cfg, out: str, step: int, main: bool):
 
 
 def epoch_end_due(step: int, total: int, steps_per_epoch: int, every_epochs: int) -> bool:
-    """Whether something done every `every_epochs` epochs (an evaluation) is due after optimizer
-    step `step`: at the end of every `every_epochs`-th epoch and after the last step (0: never)."""
-    return figure_due(step, total, steps_per_epoch, every_epochs)
-
-
-def figure_due(step: int, total: int, steps_per_epoch: int, every_epochs: int) -> bool:
-    """Whether the TensorBoard reconstruction figure is drawn after optimizer step `step`: at the
-    end of every `every_epochs`-th epoch and after the last step (every_epochs 0: never)."""
+    """Whether something done every `every_epochs` epochs (an evaluation, the TensorBoard
+    figure) is due after optimizer step `step`: at the end of every `every_epochs`-th epoch and
+    after the last step (every_epochs 0: never)."""
     if every_epochs <= 0:
         return False
     epoch_done = step % steps_per_epoch == 0 and (step // steps_per_epoch) % every_epochs == 0
     return epoch_done or step == total
+
+
+figure_due = epoch_end_due  # the TensorBoard reconstruction figure's cadence (train.tensorboard_images_every_epochs)
 
 
 def load_latest(ckpt, out: str, expected: Callable[[], Mapping]) -> Tuple[Optional[str], Optional[Dict]]:

@@ -15,6 +15,8 @@ from typing import Dict, Sequence
 
 import numpy as np
 
+from localmim.core.metrics import EvalSums, rank_classes
+
 __all__ = ["KNN_K", "KNN_TEMPERATURE", "KnnResult", "l2_normalize", "knn_scores", "rank_classes",
            "topk_accuracy", "knn_classify", "classification_metrics", "summary_line"]
 
@@ -70,11 +72,6 @@ def knn_scores(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray, n
     return scores
 
 
-def rank_classes(scores: np.ndarray) -> np.ndarray:
-    """(Q, C) class indices by decreasing score; equal scores keep the lower class first."""
-    return np.argsort(-scores, axis=1, kind="stable")
-
-
 def topk_accuracy(ranking: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> Dict[int, float]:
     """{k: percentage of queries whose label is among the first k ranked classes}."""
     labels = np.asarray(labels, dtype=np.int64)
@@ -94,13 +91,12 @@ def knn_classify(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray,
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
-    """(Q, C) logits and (Q,) labels -> {"acc1", "acc5" (percent), "val_loss" (mean cross-entropy, nats)}."""
-    logits = np.asarray(logits, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.int64)
-    acc = topk_accuracy(rank_classes(logits), labels)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_prob = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return {"acc1": acc[1], "acc5": acc[5], "val_loss": float(-log_prob[np.arange(len(labels)), labels].mean())}
+    """(Q, C) logits and (Q,) labels -> {"acc1", "acc5" (percent), "val_loss" (mean cross-entropy,
+    nats)}: core.metrics.EvalSums under the linear probe's keys."""
+    sums = EvalSums()
+    sums.add(logits, labels)
+    m = sums.metrics()
+    return {"acc1": m["val_acc1"], "acc5": m["val_acc5"], "val_loss": m["val_loss"]}
 
 
 def summary_line(what: str, top1: float, top5: float) -> str:

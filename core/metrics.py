@@ -10,9 +10,14 @@ from typing import Dict, Sequence
 
 import numpy as np
 
-__all__ = ["TOPK", "topk_hits", "cross_entropy_sum", "EvalSums"]
+__all__ = ["TOPK", "rank_classes", "topk_hits", "cross_entropy_sum", "EvalSums"]
 
 TOPK = (1, 5)
+
+
+def rank_classes(scores: np.ndarray) -> np.ndarray:
+    """(Q, C) class indices by decreasing score; equal scores keep the lower class first."""
+    return np.argsort(-np.asarray(scores), axis=1, kind="stable")
 
 
 def topk_hits(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = TOPK) -> np.ndarray:
@@ -20,7 +25,7 @@ def topk_hits(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = TOPK) 
     (k is capped at the number of classes)."""
     logits = np.asarray(logits, np.float64)
     labels = np.asarray(labels, np.int64)
-    order = np.argsort(-logits, axis=1, kind="stable")
+    order = rank_classes(logits)
     rank = np.argmax(order == labels[:, None], axis=1)  # position of the label in the ranking
     return np.asarray([int((rank < min(k, logits.shape[1])).sum()) for k in ks], np.int64)
 
