@@ -14,7 +14,9 @@ average before and after; --parts adds a line per backend timing the pieces of a
 
 Variants: `torch` (eager), `mindspore` (graph mode, ms.jit, the engine's default),
 `mindspore-before` (graph mode with the projections as they were before they became 2-D MatMuls:
-`ops.matmul` of an N-D tensor with a 2-D weight; same numbers), `mindspore-pynative`
+`ops.matmul` of an N-D tensor with a 2-D weight; same numbers), `mindspore-adamw-before` (graph
+mode with the AdamW update as it was before the fused kernel: mindspore.experimental.optim.AdamW,
+~15 kernels per parameter; same numbers within float32 rounding), `mindspore-pynative`
 (train.compile=false) and `mindspore-pynative-sync` (PyNative with pynative_synchronize, toggled
 around its own steps).
 """
@@ -34,7 +36,8 @@ from localmim.tools.bench import synthetic_batches
 
 __all__ = ["main", "run"]
 
-VARIANTS = ("torch", "mindspore", "mindspore-before", "mindspore-pynative", "mindspore-pynative-sync")
+VARIANTS = ("torch", "mindspore", "mindspore-before", "mindspore-adamw-before", "mindspore-pynative",
+            "mindspore-pynative-sync")
 
 
 def _load() -> float:
@@ -98,19 +101,42 @@ def _mindspore_step(spec, batches, state, variant: str):
     return step, stepper
 
 
+def _old_adamw():
+    """The AdamW update as it was before engine.LocalAdamW became one fused kernel per parameter:
+    mindspore.experimental.optim.AdamW, its per-group gradients passed as `mutable` tuples."""
+    import mindspore as ms
+    from mindspore.experimental.optim import AdamW
+    from localmim.backends.mindspore import engine
+
+    class ExperimentalAdamW(AdamW):
+        def construct(self, gradients):
+            self.assignadd(self.state_step, self.increase_tensor)
+            for group_id, group in enumerate(self.param_groups):
+                beta1, beta2 = group["betas"]
+                start_id = self.group_start_id[group_id]
+                end_id = self.group_start_id[group_id + 1]
+                grads = ms.mutable(tuple(gradients[start_id:end_id]))
+                self.implementation(self.lrs[group_id], group.get("weight_decay"), beta1, beta2,
+                                    group.get("amsgrad"), group.get("eps"), grads, start_id, end_id)
+            return True
+    return {(engine, "LocalAdamW"): ExperimentalAdamW}
+
+
 def _build(variant, spec, batches, state, threads) -> Callable[[int], float]:
     if variant == "torch":
         return _torch_step(spec, batches, state, threads)[0]
-    if variant != "mindspore-before":
+    patch_of = {"mindspore-before": _old_projections, "mindspore-adamw-before": _old_adamw}
+    if variant not in patch_of:
         return _mindspore_step(spec, batches, state, variant)[0]
-    # compile the old graph now, with the old projections patched in, then put the new ones back
-    patches = _old_projections()
+    # build the old version now, patched in (the projections: compile it too), then put the new one back
+    patches = patch_of[variant]()
     saved = {key: getattr(*key) for key in patches}
     for (owner, name), fn in patches.items():
         setattr(owner, name, fn)
     try:
         step = _mindspore_step(spec, batches, state, variant)[0]
-        step(0)
+        if variant == "mindspore-before":
+            step(0)
     finally:
         for (owner, name), fn in saved.items():
             setattr(owner, name, fn)

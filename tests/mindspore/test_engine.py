@@ -245,6 +245,60 @@ def test_set_lr_reaches_the_compiled_update():
     np.testing.assert_allclose(model.cls_token.asnumpy(), w0 - 0.1, atol=1e-6)
 
 
+def _torch_adamw_reference(params, grads_per_step, lrs, groups, betas, eps):
+    """torch.optim.AdamW's formula in float64 numpy: params, exp_avg, exp_avg_sq after the steps.
+    groups: per parameter (weight_decay, lr_scale)."""
+    p = [x.astype(np.float64) for x in params]
+    m = [np.zeros_like(x) for x in p]
+    v = [np.zeros_like(x) for x in p]
+    b1, b2 = betas
+    for t, (lr, grads) in enumerate(zip(lrs, grads_per_step), start=1):
+        for i, (g, (wd, scale)) in enumerate(zip(grads, groups)):
+            step_lr = lr * scale
+            p[i] = p[i] * (1.0 - step_lr * wd)
+            m[i] = b1 * m[i] + (1.0 - b1) * g
+            v[i] = b2 * v[i] + (1.0 - b2) * g * g
+            denom = np.sqrt(v[i]) / np.sqrt(1.0 - b2 ** t) + eps
+            p[i] = p[i] - step_lr / (1.0 - b1 ** t) * m[i] / denom
+    return p, m, v
+
+
+def test_fused_adamw_matches_torch_adamw_formula():
+    """LocalAdamW (one AdamWeightDecay kernel per parameter, bias correction folded into its
+    scalars) against torch's AdamW in float64: two groups (decay / no decay, lr_scale 1 / 0.5),
+    lr changed every step, gradients from 1e-4 to 1, 5 compiled steps."""
+    rng = np.random.default_rng(3)
+    shapes = [(24, 16), (16,), (1, 1, 16), (3,)]
+    groups = [(0.05, 1.0), (0.05, 1.0), (0.0, 0.5), (0.0, 0.5)]
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[(rng.standard_normal(s) * 10 ** rng.uniform(-4, 0)).astype(np.float32) for s in shapes]
+             for _ in range(5)]
+    lrs = [1.5e-3, 1e-3, 2e-4, 1e-3, 5e-4]
+    betas, eps = (0.9, 0.95), 1e-8
+    params = [ms.Parameter(ms.Tensor(x.copy()), name=f"p{i}") for i, x in enumerate(init)]
+    opt = engine.LocalAdamW([{"params": params[:2], "weight_decay": 0.05, "lr": 0.0, "lr_scale": 1.0},
+                             {"params": params[2:], "weight_decay": 0.0, "lr": 0.0, "lr_scale": 0.5}],
+                            lr=0.0, betas=betas, eps=eps)
+
+    @ms.jit
+    def update(g):
+        return opt(g)
+    for lr, g in zip(lrs, grads):
+        engine.set_lr(opt, lr)
+        update(ms.mutable(tuple(ms.Tensor(x) for x in g)))
+    want_p, want_m, want_v = _torch_adamw_reference(init, grads, lrs, groups, betas, eps)
+    state = engine.optimizer_state(opt)
+    assert int(state["state_step"]) == 5
+    for i, p in enumerate(params):
+        got = p.asnumpy()
+        assert np.abs(want_p[i] - init[i]).max() > 1e-4  # the steps moved it (1000x the tolerance)
+        np.testing.assert_allclose(got, want_p[i], rtol=1e-6, atol=1e-7, err_msg=p.name)
+        np.testing.assert_allclose(state[f"exp_avg.{p.name}"], want_m[i], rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(state[f"exp_avg_sq.{p.name}"], want_v[i], rtol=1e-5, atol=1e-15)
+    with pytest.raises(ValueError, match="amsgrad"):
+        engine.LocalAdamW(params, lr=0.0, amsgrad=True)
+
+
 def test_fp16_with_loss_scaler_trains_close_to_fp32_and_saves_scaler(tmp_path):
     data_path = _images(tmp_path / "data")
     cfg = _cfg(data_path, tmp_path / "fp16", 2, precision="fp16")
