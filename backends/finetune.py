@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -22,38 +22,37 @@ from localmim.backends.runs import config_to_dict
 from localmim.core import mixup as core_mixup
 from localmim.core import param_groups
 from localmim.core.metrics import EvalSums
-from localmim.core.specs import ViTSpec
 
-__all__ = ["build_classifier", "read_vit_encoder", "layer_decay_groups", "training_splits", "checkpoint_eval_split", "mixup_config",
+__all__ = ["build_classifier", "read_encoder", "layer_decay_groups", "training_splits", "checkpoint_eval_split", "mixup_config",
            "FinetuneCollate", "shard_split", "evaluate_split", "BestCheckpoint", "BEST_NAME"]
 
 BEST_NAME = "checkpoint-best"
 
 
-def build_classifier(cfg, num_classes: int, classifier, load_classifier):
-    """The classifier of cfg.model with a backend's ViTClassifier class / load_vit_classifier: its
-    encoder from model.pretrained (resampled to the config's size) or, without one, freshly
-    initialised from the spec."""
+def build_classifier(cfg, num_classes: int, classifiers: Mapping[str, Tuple[type, Callable]]):
+    """The classifier of cfg.model: classifiers maps a family ("vit", "swin") to a backend's
+    (classifier class, loader). Its encoder comes from model.pretrained (at the config's size) or,
+    without one, is freshly initialised from the spec."""
     m = cfg.model
     spec = cfg.build_spec()
-    if not isinstance(spec, ViTSpec):
-        raise ValueError(f"fine-tuning {spec.name}: only ViT classifiers are built so far (Swin is not)")
+    classifier, load_classifier = classifiers[spec.family]
     if m.pretrained:
         return load_classifier(os.path.expanduser(m.pretrained), num_classes, m.global_pool, m.drop_path,
                                img_size=spec.img_size)
     return classifier(spec, num_classes, m.global_pool, m.drop_path)
 
 
-def read_vit_encoder(path: str, img_size: Optional[int] = None, layout: Optional[str] = None, **arch):
-    """(ViTSpec, canonical state) of a pretrained file of any layout (backends/weights.py, its
-    position table resampled to img_size when given); a file of another family raises a
-    ValueError naming it."""
+def read_encoder(path: str, family: str, img_size: Optional[int] = None, layout: Optional[str] = None, **arch):
+    """(spec, canonical state) of a pretrained file of any layout (backends/weights.py), its
+    position tables resampled to img_size when given; a file of another family than `family`
+    ("vit" or "swin") raises a ValueError naming it."""
     from localmim.backends.weights import read_pretrained
     if img_size is not None:
         arch["img_size"] = int(img_size)
     spec, canonical, _ = read_pretrained(path, layout, **arch)
-    if not isinstance(spec, ViTSpec):
-        raise ValueError(f"{path} holds a {spec.family} encoder ({spec.name}); a ViT classifier needs a ViT one")
+    if spec.family != family:
+        raise ValueError(f"{path} holds a {spec.family} encoder ({spec.name}); a {family} classifier needs a "
+                         f"{family} one")
     return spec, canonical
 
 

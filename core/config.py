@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from localmim.core.classifier import GLOBAL_POOLS  # per family
 from localmim.core.files import write_text_atomically
 from localmim.core.specs import SWIN_SPECS, SpecError, TargetSpec, get_spec, list_specs
 
@@ -157,7 +158,8 @@ class ClassifierConfig:
     img_size: Optional[int] = None         # None: the spec's own size (position tables are resampled)
     pretrained: Optional[str] = None       # the pretrained file (any layout `localmim convert` reads)
     num_classes: Optional[int] = None      # None: the number of class folders of the training split
-    global_pool: str = "avg"               # avg (mean of patch tokens + fc_norm) | token (cls + norm)
+    global_pool: str = "avg"               # avg (mean of the tokens + fc_norm) | token (ViT: cls + norm) |
+                                           # norm_avg (Swin: norm + mean, timm's head)
     drop_path: float = 0.1                 # stochastic depth of the last block (linear from 0)
 
 
@@ -311,7 +313,6 @@ SECTIONS: Dict[str, type] = sections_of(PretrainConfig)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AMP_LEVELS = ("O0", "O1", "O2", "O3")   # MindSpore's amp levels (backends/mindspore/amp.py)
 JIT_LEVELS = ("O0", "O1")               # mindspore.jit(jit_level=...)
-GLOBAL_POOLS = ("avg", "token")
 RESUME_KEYWORDS = ("latest_valid", "latest", "none")  # or a checkpoint path (backends/runs.py RESUME_POLICIES)
 SAVE_ERROR_POLICIES = ("stop", "warn")
 DEVICES = ("auto", "cpu", "cuda", "ascend")
@@ -461,6 +462,11 @@ def _rules(cfg) -> List[Tuple[str, Any, bool, str]]:
     ] + _data_rules(cfg.data) + _optim_rules(cfg.optim) + _train_rules(cfg.train)
 
 
+def _pools_of(model_name: str) -> Tuple[str, ...]:
+    family = get_spec(model_name).family if model_name in list_specs() else "vit"
+    return GLOBAL_POOLS[family]
+
+
 def _finetune_rules(cfg: "FinetuneConfig") -> List[Tuple[str, Any, bool, str]]:
     m, d, x, o, r = cfg.model, cfg.data, cfg.mixup, cfg.optim, cfg.train
 
@@ -472,7 +478,8 @@ def _finetune_rules(cfg: "FinetuneConfig") -> List[Tuple[str, Any, bool, str]]:
         ("model.img_size", m.img_size, m.img_size is None or m.img_size > 0, "a positive integer or null"),
         ("model.num_classes", m.num_classes, m.num_classes is None or m.num_classes >= 2,
          "an integer of at least 2, or null (the class folders of the training split)"),
-        ("model.global_pool", m.global_pool, m.global_pool in GLOBAL_POOLS, f"one of {', '.join(GLOBAL_POOLS)}"),
+        ("model.global_pool", m.global_pool, m.global_pool in _pools_of(m.name),
+         f"one of {', '.join(_pools_of(m.name))} for {m.name}"),
         ("model.drop_path", m.drop_path, 0.0 <= m.drop_path < 1.0, "a number in [0, 1)"),
         ("data.eval_batch_size", d.eval_batch_size, d.eval_batch_size is None or d.eval_batch_size >= 1,
          "a positive integer or null"),

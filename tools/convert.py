@@ -16,6 +16,12 @@ Swin: an official LocalMIM Swin checkpoint is recognised by its relative_positio
 order TL, TR, BL, BR to ours (Swin's TL, BL, TR, BR). A file in Swin order that still has the
 buffers reads with `--from localmim-swin`.
 
+A fine-tuned classifier (`localmim finetune`'s checkpoints of either framework, recognised by the
+fine-tuning config they carry) exports with `--to timm` to the state dict of a timm
+VisionTransformer / SwinTransformer with its head (core.classifier.timm_classifier_state); the
+`timm.create_model(...)` call that builds it is printed, and `--check` compares our classifier's
+logits with timm's.
+
 Files are read through localmim.backends.weights, which never runs code from a file (PyTorch
 files with `weights_only=True`, allowing exactly `argparse.Namespace`; only floating-point tensors
 besides relative_position_index) and is also the way in of both backends'
@@ -405,6 +411,9 @@ def _convert(args) -> int:
         raise ConvertError(f"{dst}: already exists; pass --force to overwrite it")
     arch = parse_arch_options(list(getattr(args, "arch", []) or []), getattr(args, "arch_file", None))
     state, meta = read_state(src)
+    finetuned = _finetune_config(meta, src)
+    if finetuned is not None:
+        return _export_classifier(args, state, finetuned, fmt)
     layout, spec, spec_notes = resolve_source(state, meta, src, layout=args.src_layout, name=args.model, arch=arch)
     target = target_spec(spec, getattr(args, "img_size", None), getattr(args, "window", None), src)
     out_layout = _dst_layout(args.fmt, layout, state, args.dst_layout, fmt)
@@ -430,6 +439,71 @@ def _convert(args) -> int:
             print(f"localmim convert: error: --check differences exceed {CHECK_TOLERANCE:g}", file=sys.stderr)
             return 1
     return 0
+
+
+def _finetune_config(meta: Dict[str, object], path: str):
+    """The FinetuneConfig a fine-tuned checkpoint carries (its config has a `mixup` section), else None."""
+    config = meta.get("config")
+    if not isinstance(config, dict) or "mixup" not in config:
+        return None
+    from localmim.core import config as core_config
+    try:
+        return core_config.config_from_dict(dict(config), where=f"{path} config", kind="finetune")
+    except core_config.ConfigError as exc:
+        raise ConvertError(f"{path}: its fine-tuning config is not valid: {first_sentence(exc)}") from None
+
+
+def timm_create_call(kwargs: Dict[str, object]) -> str:
+    """The Python call that builds the timm model of `kwargs` (core.classifier.timm_classifier_kwargs)."""
+    kw = dict(kwargs)
+    name = kw.pop("model_name")
+    args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+    return f"timm.create_model({name!r}, {args}, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))"
+
+
+def _export_classifier(args, state: Dict[str, np.ndarray], cfg, fmt: str) -> int:
+    """A fine-tuned classifier -> timm's state dict with the head (only `--to timm`)."""
+    from localmim.core import classifier
+    src, dst = args.src, args.dst
+    if args.fmt != "timm" or args.dst_layout is not None:
+        raise ConvertError(f"{src} is a fine-tuned classifier: it exports with --to timm (the other layouts hold "
+                           f"pretraining encoders)")
+    spec, pool = cfg.build_spec(), cfg.model.global_pool
+    out = classifier.timm_classifier_state(state, spec, pool, what=src)
+    kwargs = classifier.timm_classifier_kwargs(spec, state["head.weight"].shape[0], pool)
+    print(f"source {src}: fine-tuned {spec.name} classifier, global_pool {pool}, {len(state)} keys")
+    write_state(dst, out, fmt, {"model": spec.name, "source_layout": "localmim-classifier"}, force=args.force,
+                layout=f"timm-{spec.family}")
+    print(f"wrote {dst}: {fmt}, timm {kwargs['model_name']} with its head, {len(out)} keys, verified")
+    print(f"build it with: {timm_create_call(kwargs)}")
+    if args.check is not None:
+        diff = check_classifier(state, dst, spec, pool, kwargs, args.check or None)
+        print(f"check: logits max abs diff {diff:.3e}")
+        if diff > CHECK_TOLERANCE:
+            print(f"localmim convert: error: --check differences exceed {CHECK_TOLERANCE:g}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def check_classifier(state: Dict[str, np.ndarray], dst_path: str, spec, pool: str, kwargs: Dict[str, object],
+                     image: Optional[str] = None) -> float:
+    """Max abs difference of the logits of our torch classifier (`state`) and of the timm model
+    `kwargs` builds, loaded strictly from the written file, on two images."""
+    try:
+        import functools
+        import timm
+        import torch
+    except ImportError as exc:
+        raise ConvertError(f"--check cannot run: {first_sentence(exc)}") from None
+    from localmim.backends.torch.finetune import CLASSIFIERS
+    ours = CLASSIFIERS[spec.family][0](spec, int(kwargs["num_classes"]), pool)
+    ours.import_state(state)
+    kw = dict(kwargs)
+    ref = timm.create_model(kw.pop("model_name"), norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6), **kw)
+    ref.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in read_state(dst_path)[0].items()}, strict=True)
+    imgs = torch.from_numpy(_check_images(image, spec))
+    with torch.no_grad():
+        return float((ours.eval()(imgs) - ref.eval()(imgs)).abs().max())
 
 
 def run(args) -> int:

@@ -31,9 +31,10 @@ from localmim.backends.mindspore import checkpoint as ckpt
 from localmim.backends.mindspore import distributed as dist_utils
 from localmim.backends.mindspore.data import PretrainLoader, ShardedBatchSampler
 from localmim.backends.mindspore.engine import TrainStep, build_optimizer
+from localmim.backends.mindspore.swin_classifier import SwinClassifier, load_swin_classifier
 from localmim.backends.mindspore.vit_classifier import ViTClassifier, load_vit_classifier
 
-__all__ = ["soft_target_cross_entropy", "finetune_groups", "build_classifier", "FinetuneStep",
+__all__ = ["soft_target_cross_entropy", "finetune_groups", "CLASSIFIERS", "build_classifier", "FinetuneStep",
            "TrainingTransform", "FinetuneDataset", "build_finetune_loader", "predict_logits", "run_finetune",
            "evaluate_checkpoint"]
 
@@ -52,9 +53,14 @@ def finetune_groups(model, cfg) -> List[Dict]:
     return shared.layer_decay_groups(shapes, frozen, model.spec, cfg)
 
 
-def build_classifier(cfg, num_classes: int) -> ViTClassifier:
-    """The classifier of cfg.model (backends.finetune.build_classifier with this backend's model)."""
-    return shared.build_classifier(cfg, num_classes, ViTClassifier, load_vit_classifier)
+# family -> (classifier, loader of a pretrained file)
+CLASSIFIERS = {"vit": (ViTClassifier, load_vit_classifier), "swin": (SwinClassifier, load_swin_classifier)}
+
+
+def build_classifier(cfg, num_classes: int):
+    """The ViTClassifier / SwinClassifier of cfg.model (backends.finetune.build_classifier with
+    this backend's models)."""
+    return shared.build_classifier(cfg, num_classes, CLASSIFIERS)
 
 
 class FinetuneStep(TrainStep):
@@ -217,7 +223,7 @@ def evaluate_checkpoint(path: str, data: str, batch_size: int = 64, device: str 
     cfg, split = shared.checkpoint_eval_split(path, data, payload["config"], classes)
     classes = classes if classes is not None else len(split.classes)
     spec = cfg.build_spec()
-    model = ViTClassifier(spec, classes, cfg.model.global_pool)
+    model = CLASSIFIERS[spec.family][0](spec, classes, cfg.model.global_pool)
     ckpt.check_model_state(path, state, model.state_shapes())
     model.import_state(state)
     model.set_train(False)

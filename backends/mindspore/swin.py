@@ -40,7 +40,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, TruncatedNormal, Uniform, initializer
 
 from localmim.backends.mindspore import targets as T
-from localmim.backends.mindspore.layers import LN_EPS, Block, LayerNorm, Linear, Mlp, PatchEmbed, Softmax
+from localmim.backends.mindspore.layers import LN_EPS, Block, DropPath, LayerNorm, Linear, Mlp, PatchEmbed, Softmax
 from localmim.backends.mindspore.model import LocalMIMModel
 from localmim.core.pos_embed import sincos_2d
 from localmim.core.specs import SwinSpec
@@ -165,7 +165,7 @@ class WindowAttention(nn.Cell):
         # are dropped by ungrouping, so what they hold does not matter.
         qkv = qkv.reshape(b, 1, n, 3 * c) if one_group else group_tokens(qkv, group_index)
         qkv = qkv.reshape(b, g, s, 3, h, hd).transpose(3, 0, 1, 4, 2, 5)            # (3, B, G, h, S, hd)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = ops.unstack(qkv, 0)  # one split (see layers.Attention)
         attn = ops.matmul(q * self.scale, k.swapaxes(-1, -2))                       # (B, G, h, S, S)
         attn = attn + self.relative_bias(attn_mask, rel_index).expand_dims(0)
         attn = attn + attn_mask.reshape(1, g, 1, s, s)
@@ -179,23 +179,25 @@ class WindowAttention(nn.Cell):
 
 
 class SwinBlock(nn.Cell):
-    """Pre-norm Swin block on visible tokens: x + WA(LN(x)), then x + MLP(LN(x)); LN eps 1e-6.
+    """Pre-norm Swin block on visible tokens: x + WA(LN(x)), then x + MLP(LN(x)); LN eps 1e-6;
+    stochastic depth `drop_path` on both branches (fine-tuning; pretraining uses 0).
 
     LayerNorm and MLP are per token, so they run on the ungrouped (B, N, C) sequence; only the
     attention sees groups.
     """
 
-    def __init__(self, dim: int, num_heads: int, window: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, window: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = LayerNorm(dim, eps=LN_EPS)
         self.attn = WindowAttention(dim, window, num_heads)
         self.norm2 = LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
 
     def construct(self, x, win):
         """x: (B, N, C) visible tokens of the stage; win: `window_inputs(...)` -> (B, N, C)."""
-        x = x + self.attn(self.norm1(x), win)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x), win))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class PatchMerging(nn.Cell):
@@ -231,14 +233,16 @@ class SwinStage(nn.Cell):
     """One stage (`encoder.layers.{s}`): blocks alternating plain / shifted windows, then merging.
 
     window: the stage's window side (the resolution when smaller); shifted: whether odd blocks use
-    shifted windows (plan config 1), so the stage reads `num_windows` (1 or 2) configurations.
+    shifted windows (plan config 1), so the stage reads `num_windows` (1 or 2) configurations;
+    drop_path: each block's stochastic-depth rate (empty: none).
     """
 
     def __init__(self, dim: int, depth: int, num_heads: int, window: int, shifted: bool,
-                 mlp_ratio: float = 4.0, downsample: bool = True):
+                 mlp_ratio: float = 4.0, downsample: bool = True, drop_path: Sequence[float] = ()):
         super().__init__()
         self.num_windows = 2 if shifted else 1
-        self.blocks = nn.CellList([SwinBlock(dim, num_heads, window, mlp_ratio) for _ in range(depth)])
+        rates = list(drop_path) or [0.0] * depth
+        self.blocks = nn.CellList([SwinBlock(dim, num_heads, window, mlp_ratio, rates[b]) for b in range(depth)])
         self.downsample = PatchMerging(dim) if downsample else None
 
     def construct(self, x, windows, merge_index):

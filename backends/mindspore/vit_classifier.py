@@ -10,15 +10,15 @@ so `export_state()` is what the torch twin's state_dict holds. Cells start in ev
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional
+from typing import Optional
 
 import numpy as np
-import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
-from mindspore.common.initializer import Normal, TruncatedNormal, Uniform, initializer
+from mindspore.common.initializer import Normal, TruncatedNormal, Uniform
 
+from localmim.backends.mindspore.classifier import ClassifierState, set_initial, xavier_uniform
 from localmim.backends.mindspore.layers import LN_EPS, Block, LayerNorm, Linear, PatchEmbed
-from localmim.core.classifier import HEAD_INIT_STD, drop_path_rates, vit_classifier_shapes, vit_classifier_state
+from localmim.core.classifier import HEAD_INIT_STD, drop_path_rates, vit_classifier_shapes
 from localmim.core.pos_embed import sincos_2d
 from localmim.core.specs import ViTSpec
 from localmim.core.state import check_state
@@ -27,17 +27,7 @@ __all__ = ["ViTClassifier", "load_vit_classifier"]
 
 
 
-def _set(param: Parameter, init) -> None:
-    param.set_data(initializer(init, param.shape, ms.float32))
-
-
-def _xavier(param: Parameter) -> None:
-    """xavier_uniform over (out, in...) as torch computes the fans of a Linear or a conv weight."""
-    fan_out, fan_in = param.shape[0], int(np.prod(param.shape[1:]))
-    _set(param, Uniform(math.sqrt(6.0 / (fan_in + fan_out))))
-
-
-class ViTClassifier(nn.Cell):
+class ViTClassifier(ClassifierState, nn.Cell):
     """ViT classifier built from a `core.specs.ViTSpec`: images (B, 3, S, S) -> logits (B, num_classes)."""
 
     def __init__(self, spec: ViTSpec, num_classes: int, global_pool: str = "avg", drop_path: float = 0.0):
@@ -65,15 +55,15 @@ class ViTClassifier(nn.Cell):
     def _init_weights(self) -> None:
         """The pretraining encoder's initialisation; the head trunc_normal(std 2e-5), zero bias."""
         proj = self.patch_embed.proj
-        _xavier(proj.weight)
-        _set(proj.bias, Uniform(1.0 / math.sqrt(int(np.prod(proj.weight.shape[1:])))))
-        _set(self.cls_token, Normal(0.02))
+        xavier_uniform(proj.weight)
+        set_initial(proj.bias, Uniform(1.0 / math.sqrt(int(np.prod(proj.weight.shape[1:])))))
+        set_initial(self.cls_token, Normal(0.02))
         for _, cell in self.blocks.cells_and_names():
             if isinstance(cell, Linear):
-                _xavier(cell.weight)
-                _set(cell.bias, "zeros")
-        _set(self.head.weight, TruncatedNormal(HEAD_INIT_STD))
-        _set(self.head.bias, "zeros")
+                xavier_uniform(cell.weight)
+                set_initial(cell.bias, "zeros")
+        set_initial(self.head.weight, TruncatedNormal(HEAD_INIT_STD))
+        set_initial(self.head.bias, "zeros")
 
     def forward_features(self, imgs):
         """imgs (B, 3, S, S) -> tokens (B, 1+N, D) after the blocks (and `norm` in token mode)."""
@@ -96,34 +86,14 @@ class ViTClassifier(nn.Cell):
     def construct(self, imgs):
         return self.forward_head(self.forward_features(imgs))
 
-    def state_shapes(self) -> Dict[str, tuple]:
-        return {p.name: tuple(p.shape) for p in self.get_parameters()}
-
-    def export_state(self) -> Dict[str, np.ndarray]:
-        """name -> float32 numpy copy (timm's keys)."""
-        return {p.name: p.asnumpy().astype(np.float32, copy=True) for p in self.get_parameters()}
-
-    def import_state(self, state: Mapping[str, np.ndarray]) -> None:
-        """Load a whole classifier state strictly (StateError names what does not fit)."""
-        check_state(self.state_shapes(), state, what=f"state for ViTClassifier({self.spec.name})")
-        for p in self.get_parameters():
-            p.set_data(Tensor(np.asarray(state[p.name], dtype=np.float32).copy()))
-
-    def load_encoder(self, encoder: Mapping[str, np.ndarray], what: str = "checkpoint") -> None:
-        """Take the encoder part of a canonical pretraining state (core.classifier.
-        vit_classifier_state); fc_norm / head keep their initialisation."""
-        state = self.export_state()
-        state.update(vit_classifier_state(encoder, self.spec, self.global_pool, what))
-        self.import_state(state)
-
 
 def load_vit_classifier(path: str, num_classes: int, global_pool: str = "avg", drop_path: float = 0.0,
                         img_size: Optional[int] = None, layout: Optional[str] = None, **arch) -> ViTClassifier:
     """A ViTClassifier whose encoder comes from a pretrained file of any layout (read by the safe
     readers of backends/weights.py), its position table resampled to `img_size` when given. A file
     of another family, or an encoder key missing or mis-shaped, raises a ValueError naming the file."""
-    from localmim.backends.finetune import read_vit_encoder
-    spec, canonical = read_vit_encoder(path, img_size, layout, **arch)
+    from localmim.backends.finetune import read_encoder
+    spec, canonical = read_encoder(path, "vit", img_size, layout, **arch)
     model = ViTClassifier(spec, num_classes, global_pool, drop_path)
     model.load_encoder(canonical, what=path)
     return model

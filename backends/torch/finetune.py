@@ -26,9 +26,10 @@ from localmim.backends.torch import checkpoint as ckpt
 from localmim.backends.torch import distributed as dist_utils
 from localmim.backends.torch.data import ShardedBatchSampler
 from localmim.backends.torch.engine import TrainStep, build_optimizer, resolve_precision
+from localmim.backends.torch.swin_classifier import SwinClassifier, load_swin_classifier
 from localmim.backends.torch.vit_classifier import ViTClassifier, load_vit_classifier
 
-__all__ = ["soft_target_cross_entropy", "finetune_groups", "build_classifier", "FinetuneStep",
+__all__ = ["soft_target_cross_entropy", "finetune_groups", "CLASSIFIERS", "build_classifier", "FinetuneStep",
            "FinetuneDataset", "build_finetune_loader", "predict_logits", "run_finetune", "evaluate_checkpoint"]
 
 
@@ -45,9 +46,14 @@ def finetune_groups(model: torch.nn.Module, cfg) -> List[Dict]:
     return shared.layer_decay_groups(shapes, frozen, model.spec, cfg)
 
 
-def build_classifier(cfg, num_classes: int) -> ViTClassifier:
-    """The classifier of cfg.model (backends.finetune.build_classifier with this backend's model)."""
-    return shared.build_classifier(cfg, num_classes, ViTClassifier, load_vit_classifier)
+# family -> (classifier, loader of a pretrained file)
+CLASSIFIERS = {"vit": (ViTClassifier, load_vit_classifier), "swin": (SwinClassifier, load_swin_classifier)}
+
+
+def build_classifier(cfg, num_classes: int):
+    """The ViTClassifier / SwinClassifier of cfg.model (backends.finetune.build_classifier with
+    this backend's models)."""
+    return shared.build_classifier(cfg, num_classes, CLASSIFIERS)
 
 
 class FinetuneStep(TrainStep):
@@ -245,7 +251,7 @@ def evaluate_checkpoint(path: str, data: str, batch_size: int = 64, device: str 
     cfg, split = shared.checkpoint_eval_split(path, data, payload["config"], classes)
     classes = classes if classes is not None else len(split.classes)
     spec = cfg.build_spec()
-    model = ViTClassifier(spec, classes, cfg.model.global_pool)
+    model = CLASSIFIERS[spec.family][0](spec, classes, cfg.model.global_pool)
     ckpt.check_model_state(path, state, model.state_shapes())
     model.load_state_dict(state)
     dev = dist_utils.select_device(device)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmim.backends.torch import targets as T
-from localmim.backends.torch.layers import LN_EPS, Block, Mlp, PatchEmbed
+from localmim.backends.torch.layers import LN_EPS, Block, DropPath, Mlp, PatchEmbed
 from localmim.backends.torch.model import LocalMIMModel, init_linear_and_norm
 from localmim.core.pos_embed import sincos_2d
 from localmim.core.specs import SwinSpec
@@ -158,23 +158,25 @@ class WindowAttention(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    """Pre-norm Swin block on visible tokens: x + WA(LN(x)), then x + MLP(LN(x)); LN eps 1e-6.
+    """Pre-norm Swin block on visible tokens: x + WA(LN(x)), then x + MLP(LN(x)); LN eps 1e-6;
+    stochastic depth `drop_path` on both branches (fine-tuning; pretraining uses 0).
 
     LayerNorm and MLP are per token, so they run on the ungrouped (B, N, C) sequence; only the
     attention sees groups.
     """
 
-    def __init__(self, dim: int, num_heads: int, window: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, window: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.attn = WindowAttention(dim, window, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, win: Window) -> torch.Tensor:
         """x: (B, N, C) visible tokens of the stage; win: `window_inputs(...)` -> (B, N, C)."""
-        x = x + self.attn(self.norm1(x), win)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x), win))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class PatchMerging(nn.Module):
@@ -210,14 +212,16 @@ class SwinStage(nn.Module):
     """One stage (`encoder.layers.{s}`): blocks alternating plain / shifted windows, then merging.
 
     window: the stage's window side (the resolution when smaller); shifted: whether odd blocks use
-    shifted windows (plan config 1), so the stage reads `num_windows` (1 or 2) configurations.
+    shifted windows (plan config 1), so the stage reads `num_windows` (1 or 2) configurations;
+    drop_path: each block's stochastic-depth rate (empty: none).
     """
 
     def __init__(self, dim: int, depth: int, num_heads: int, window: int, shifted: bool,
-                 mlp_ratio: float = 4.0, downsample: bool = True):
+                 mlp_ratio: float = 4.0, downsample: bool = True, drop_path: Sequence[float] = ()):
         super().__init__()
         self.num_windows = 2 if shifted else 1
-        self.blocks = nn.ModuleList([SwinBlock(dim, num_heads, window, mlp_ratio) for _ in range(depth)])
+        rates = list(drop_path) or [0.0] * depth
+        self.blocks = nn.ModuleList([SwinBlock(dim, num_heads, window, mlp_ratio, rates[b]) for b in range(depth)])
         self.downsample = PatchMerging(dim) if downsample else None
 
     def forward(self, x: torch.Tensor, windows: Sequence[Window],

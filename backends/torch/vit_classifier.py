@@ -8,15 +8,16 @@ state loads into timm unchanged. The position table is a trainable copy of the p
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from localmim.backends.torch.classifier import ClassifierState
 from localmim.backends.torch.layers import LN_EPS, Block, PatchEmbed
 from localmim.backends.torch.model import init_linear_and_norm
-from localmim.core.classifier import HEAD_INIT_STD, drop_path_rates, vit_classifier_shapes, vit_classifier_state
+from localmim.core.classifier import HEAD_INIT_STD, drop_path_rates, vit_classifier_shapes
 from localmim.core.pos_embed import sincos_2d
 from localmim.core.specs import ViTSpec
 from localmim.core.state import check_state
@@ -24,8 +25,7 @@ from localmim.core.state import check_state
 __all__ = ["ViTClassifier", "load_vit_classifier"]
 
 
-
-class ViTClassifier(nn.Module):
+class ViTClassifier(ClassifierState, nn.Module):
     """ViT classifier built from a `core.specs.ViTSpec` (its encoder geometry; decoders and
     targets unused): images (B, 3, S, S) -> logits (B, num_classes)."""
 
@@ -81,25 +81,6 @@ class ViTClassifier(nn.Module):
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(imgs))
 
-    def state_shapes(self) -> Dict[str, tuple]:
-        return {k: tuple(v.shape) for k, v in self.state_dict().items()}
-
-    def export_state(self) -> Dict[str, np.ndarray]:
-        """name -> float32 numpy copy (timm's keys)."""
-        return {k: v.detach().cpu().float().numpy().copy() for k, v in self.state_dict().items()}
-
-    def import_state(self, state: Mapping[str, np.ndarray]) -> None:
-        """Load a whole classifier state strictly (StateError names what does not fit)."""
-        check_state(self.state_shapes(), state, what=f"state for ViTClassifier({self.spec.name})")
-        self.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32).copy()) for k, v in state.items()})
-
-    def load_encoder(self, encoder: Mapping[str, np.ndarray], what: str = "checkpoint") -> None:
-        """Take the encoder part of a canonical pretraining state (core.classifier.
-        vit_classifier_state); fc_norm / head keep their initialisation."""
-        state = self.export_state()
-        state.update(vit_classifier_state(encoder, self.spec, self.global_pool, what))
-        self.import_state(state)
-
 
 def load_vit_classifier(path: str, num_classes: int, global_pool: str = "avg", drop_path: float = 0.0,
                         img_size: Optional[int] = None, layout: Optional[str] = None, **arch) -> ViTClassifier:
@@ -108,8 +89,8 @@ def load_vit_classifier(path: str, num_classes: int, global_pool: str = "avg", d
     backends/weights.py), its position table resampled to `img_size` when given (core.resample).
     A file of another family, or an encoder key missing or mis-shaped, raises a ValueError
     naming the file."""
-    from localmim.backends.finetune import read_vit_encoder
-    spec, canonical = read_vit_encoder(path, img_size, layout, **arch)
+    from localmim.backends.finetune import read_encoder
+    spec, canonical = read_encoder(path, "vit", img_size, layout, **arch)
     model = ViTClassifier(spec, num_classes, global_pool, drop_path)
     model.load_encoder(canonical, what=path)
     return model

@@ -6,7 +6,8 @@ from localmim.core import classifier as C
 from localmim.core import mixup as M
 from localmim.core.metrics import EvalSums, cross_entropy_sum, topk_hits
 from localmim.core.specs import get_spec
-from localmim.core.state import StateError, vit_canonical_shapes
+from localmim.core import param_groups
+from localmim.core.state import StateError, swin_canonical_shapes, vit_canonical_shapes
 
 
 class _Replay:
@@ -83,3 +84,60 @@ def test_classifier_state_keeps_the_encoder_and_maps_the_last_norm():
     del canon["blocks.1.attn.qkv.weight"]
     with pytest.raises(StateError, match="blocks.1.attn.qkv.weight"):
         C.vit_classifier_state(canon, spec, "avg", what="x.pth")
+
+
+def _swin_canonical(spec):
+    rng = np.random.default_rng(1)
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in swin_canonical_shapes(spec).items()}
+
+
+def test_swin_classifier_state_keeps_the_encoder_in_the_original_swin_keys():
+    spec = get_spec("swin_tiny_test")  # 4 stages, 2 blocks each
+    canon = _swin_canonical(spec)
+    avg = C.swin_classifier_state(canon, spec, "avg")
+    assert set(avg) | {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"} == set(
+        C.swin_classifier_shapes(spec, 7, "avg"))
+    np.testing.assert_array_equal(avg["layers.2.downsample.reduction.weight"],
+                                  canon["encoder.layers.2.downsample.reduction.weight"])
+    assert "layers.3.downsample.norm.weight" not in avg and not any(k.startswith("norm") for k in avg)
+    normed = C.swin_classifier_state(canon, spec, "norm_avg")
+    np.testing.assert_array_equal(normed["norm.bias"], canon["encoder.norm.3.bias"])  # after the last stage
+    assert set(normed) | {"head.weight", "head.bias"} == set(C.swin_classifier_shapes(spec, 7, "norm_avg"))
+    with pytest.raises(ValueError, match="'token' is not a swin head"):
+        C.swin_classifier_shapes(spec, 7, "token")
+    del canon["encoder.layers.1.blocks.0.attn.relative_position_bias_table"]
+    with pytest.raises(StateError, match="x.pth.*layers.1.blocks.0.attn.relative_position_bias_table"):
+        C.swin_classifier_state(canon, spec, "avg", what="x.pth")
+
+
+def test_swin_classifier_layer_decay_by_hand():
+    """depths 2-2-2-2: L = 9; patch_embed id 0, layers.s.blocks.b id 2s + b + 1, the merge at the
+    end of stage s id 2s + 2, fc_norm / head id 9 (docs/method.md#layer-decay)."""
+    spec = get_spec("swin_tiny_test")
+    groups = param_groups.finetune_param_groups(C.swin_classifier_shapes(spec, 3), 0.05, 0.5, "swin", spec.depths)
+    scale = {n: g["lr_scale"] for g in groups for n in g["params"]}
+    assert scale["patch_embed.proj.weight"] == 0.5 ** 9
+    assert scale["layers.1.blocks.1.attn.qkv.weight"] == 0.5 ** (9 - 4)
+    assert scale["layers.1.downsample.reduction.weight"] == 0.5 ** (9 - 4)
+    assert scale["layers.3.blocks.0.mlp.fc1.weight"] == 0.5 ** (9 - 7)
+    assert scale["fc_norm.weight"] == scale["head.bias"] == 1.0
+    decay = {n: g["weight_decay"] for g in groups for n in g["params"]}
+    assert decay["layers.0.blocks.0.attn.relative_position_bias_table"] == 0.05  # decayed, as the reference
+    assert decay["layers.0.blocks.0.attn.qkv.bias"] == decay["fc_norm.weight"] == 0.0
+
+
+def test_timm_export_renames_merges_and_head_and_refuses_the_reference_head():
+    spec = get_spec("swin_tiny_test")
+    rng = np.random.default_rng(2)
+    state = {k: rng.standard_normal(s).astype(np.float32)
+             for k, s in C.swin_classifier_shapes(spec, 4, "norm_avg").items()}
+    out = C.timm_classifier_state(state, spec, "norm_avg")
+    np.testing.assert_array_equal(out["layers.1.downsample.norm.weight"], state["layers.0.downsample.norm.weight"])
+    np.testing.assert_array_equal(out["head.fc.weight"], state["head.weight"])
+    assert "layers.0.downsample.norm.weight" not in out and len(out) == len(state)
+    avg = {k: rng.standard_normal(s).astype(np.float32) for k, s in C.swin_classifier_shapes(spec, 4, "avg").items()}
+    with pytest.raises(StateError, match="model.global_pool=norm_avg"):
+        C.timm_classifier_state(avg, spec, "avg", what="best.pth")
+    vit = get_spec("vit_tiny_test")
+    vit_state = {k: np.zeros(s, np.float32) for k, s in C.vit_classifier_shapes(vit, 4, "avg").items()}
+    assert set(C.timm_classifier_state(vit_state, vit, "avg")) == set(vit_state)

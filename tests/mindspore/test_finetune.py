@@ -1,5 +1,6 @@
-"""MindSpore fine-tuning (docs/method.md#fine-tuning): the RandAugment mapping, the classifier
-against the torch twin, and a run through the command line that resumes and evaluates."""
+"""MindSpore fine-tuning (docs/method.md#fine-tuning): the RandAugment mapping, the ViT and Swin
+classifiers against their torch twins, and runs through the command line that resume, evaluate
+and export to timm."""
 import numpy as np
 import pytest
 from PIL import Image
@@ -8,6 +9,7 @@ ms = pytest.importorskip("mindspore")
 
 from localmim.backends.mindspore import ensure_cpu_context  # noqa: E402
 from localmim.backends.mindspore import finetune as F  # noqa: E402
+from localmim.backends.mindspore.swin_classifier import SwinClassifier  # noqa: E402
 from localmim.backends.mindspore.vit_classifier import ViTClassifier  # noqa: E402
 from localmim.core.specs import get_spec  # noqa: E402
 from localmim.tools import cli  # noqa: E402
@@ -38,6 +40,24 @@ def test_classifier_matches_the_torch_twin(pool, h):
     assert h.rel_err(ours(ms.Tensor(x)), ref(torch.from_numpy(x))) < 1e-5   # drop path: off in eval mode
 
 
+@pytest.mark.parametrize("pool", ["avg", "norm_avg"])
+def test_swin_classifier_matches_the_torch_twin_eager_and_in_graph_mode(pool, h):
+    torch = pytest.importorskip("torch")
+    from localmim.backends.torch.swin_classifier import SwinClassifier as TorchClassifier
+    spec = get_spec("swin_tiny_test")
+    torch.manual_seed(0)
+    ref = TorchClassifier(spec, 5, pool).eval()
+    with torch.no_grad():
+        ref.head.weight.normal_()
+    ours = SwinClassifier(spec, 5, pool, drop_path=0.3)
+    assert ours.state_shapes() == ref.state_shapes()
+    ours.import_state(ref.export_state())
+    x = h.make_images(2, 64, seed=2)
+    want = ref(torch.from_numpy(x))
+    assert h.rel_err(ours(ms.Tensor(x)), want) < 1e-5
+    assert h.rel_err(ms.jit(ours.construct)(ms.Tensor(x)), want) < 1e-5
+
+
 def _folders(root, classes=2, n=4):
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -62,3 +82,18 @@ def test_cli_run_resumes_and_evaluates(tmp_path, capsys):
                      "--data", str(data)])
     evaluated = capsys.readouterr().out.strip().splitlines()[-1]
     assert code == 0 and evaluated.startswith("finetune top-1: ")
+
+
+def test_cli_finetunes_a_swin_in_graph_mode_and_exports_it_to_timm(tmp_path, capsys):
+    pytest.importorskip("timm")
+    data, out = _folders(tmp_path / "data"), tmp_path / "run"
+    argv = ["finetune", "--backend", "mindspore", "--config", "swin_base", "--data", str(data), "--output", str(out),
+            "--max-steps", "2", "model.name=swin_tiny_test", "model.global_pool=norm_avg", "data.batch_size=4",
+            "data.num_workers=0", "train.device=cpu", "optim.accum_iter=1", "model.drop_path=0.2"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed.startswith("finetune top-1: ") and "checkpoint-best.ckpt" in printed
+    code = cli.main(["convert", str(out / "checkpoint-best.ckpt"), str(tmp_path / "timm.pth"), "--to", "timm",
+                     "--check"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert code == 0 and last.startswith("check: logits max abs diff ") and float(last.split()[-1]) < 1e-4

@@ -1,6 +1,7 @@
 """Fine-tuning parity (docs/method.md#parity-contract): the same classifier weights, images and
-soft targets, drop path off, give the same logits and loss (1e-5) and the same parameters after 5
-AdamW steps with layer-wise lr decay (1e-4) in both backends, each through its own step object."""
+soft targets, drop path off, give the same logits and loss (1e-5), gradients (1e-4) and parameters
+after 5 AdamW steps with layer-wise lr decay (1e-4) in both backends, each through its own step
+object, for the ViT and the Swin classifier."""
 import numpy as np
 import pytest
 
@@ -10,10 +11,12 @@ torch = pytest.importorskip("torch")
 from localmim.tools.parity import finetune_rows  # noqa: E402
 
 
-@pytest.mark.parametrize("pool", ["avg", "token"])
-def test_finetune_steps_agree(photo_paths, pool):
-    rows = finetune_rows("vit_tiny_test", pool=pool, photos=photo_paths)
-    assert {r.quantity for r in rows} >= {"logits", "loss", "parameters after 5 AdamW steps (layer decay 0.75)"}
+@pytest.mark.parametrize("model,pool", [("vit_tiny_test", "avg"), ("vit_tiny_test", "token"),
+                                        ("swin_tiny_test", "avg")])
+def test_finetune_steps_agree(photo_paths, model, pool):
+    rows = finetune_rows(model, pool=pool, photos=photo_paths)
+    assert {r.quantity for r in rows} >= {"logits", "loss", "gradients (first batch)",
+                                          "parameters after 5 AdamW steps (layer decay 0.75)"}
     bad = [r for r in rows if not r.ok]
     assert not bad, bad
 

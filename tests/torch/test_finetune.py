@@ -12,7 +12,9 @@ from PIL import Image
 from localmim.backends.torch import build_model
 from localmim.backends.torch import checkpoint as ckpt
 from localmim.backends.torch import finetune as F
+from localmim.backends.torch.swin_classifier import SwinClassifier, load_swin_classifier
 from localmim.backends.torch.vit_classifier import ViTClassifier, load_vit_classifier
+from localmim.core import classifier as C
 from localmim.core import mixup as M
 from localmim.core.config import PretrainConfig, config_from_dict, config_to_dict
 from localmim.core.specs import get_spec
@@ -195,3 +197,70 @@ def test_cli_finetunes_then_evaluates_the_best_checkpoint(tmp_path, capsys):
     code = cli.main(["finetune", "--eval-only", "--checkpoint", str(out / "checkpoint-best.pth"), "--data", str(data)])
     evaluated = capsys.readouterr().out.strip().splitlines()[-1]
     assert code == 0 and evaluated.split(" loss")[0] == printed.split(" (best")[0]
+
+
+SWIN = get_spec("swin_tiny_test")  # 64 px, patch 2, window 4, 4 stages of 2 blocks
+
+
+def test_swin_classifier_state_loads_into_timm_and_gives_the_same_logits():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ours = SwinClassifier(SWIN, 6, "norm_avg", drop_path=0.1).eval()
+    with torch.no_grad():
+        ours.head.weight.normal_()
+    kwargs = C.timm_classifier_kwargs(SWIN, 6, "norm_avg")
+    ref = timm.create_model(kwargs.pop("model_name"), norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
+                            **kwargs).eval()
+    state = C.timm_classifier_state(ours.export_state(), SWIN, "norm_avg")
+    ref.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_loaded_swin_classifier_runs_the_pretrained_encoder(tmp_path):
+    """norm_avg pools what the frozen-feature Encoder embeds: the last stage after its branch
+    norm, averaged (backends/torch/features.py, itself checked against timm)."""
+    from localmim.backends.torch.features import Encoder
+    torch.manual_seed(2)
+    pre = build_model(SWIN).eval()
+    path = str(tmp_path / "pre.pth")
+    _save(pre, path, "swin_tiny_test")
+    clf = load_swin_classifier(path, 5, "norm_avg").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(clf.forward_features(x).mean(dim=1), Encoder(pre).encode(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="holds a vit encoder"):
+        vit_path = str(tmp_path / "vit.pth")
+        _save(build_model(SPEC), vit_path, "vit_tiny_test")
+        load_swin_classifier(vit_path, 5)
+
+
+def test_swin_drop_path_is_per_sample_and_off_in_eval():
+    torch.manual_seed(3)
+    clf = SwinClassifier(SWIN, 4, drop_path=0.5)
+    rates = [getattr(blk.drop_path, "drop_prob", 0.0) for stage in clf.layers for blk in stage.blocks]
+    assert rates == pytest.approx(list(np.linspace(0, 0.5, 8)))  # the first block's 0 is an Identity
+    x = torch.randn(2, 3, 64, 64)
+    assert not torch.equal(clf.train()(x), clf(x))
+    assert torch.equal(clf.eval()(x), clf(x))
+
+
+def test_cli_finetunes_a_swin_and_exports_it_to_timm(tmp_path, capsys):
+    pytest.importorskip("timm")
+    data = _digits_like(tmp_path / "data")
+    out = tmp_path / "run"
+    code = cli.main(["finetune", "--config", "swin_base", "--data", str(data), "--output", str(out), "--max-steps",
+                     "2", "model.name=swin_tiny_test", "model.global_pool=norm_avg", "data.batch_size=6",
+                     "data.num_workers=0", "train.device=cpu", "optim.accum_iter=1"])
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert code == 0 and printed.startswith("finetune top-1: ")
+    best, exported = out / "checkpoint-best.pth", tmp_path / "timm.safetensors"
+    code = cli.main(["convert", str(best), str(exported), "--to", "timm", "--check"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and lines[-1].startswith("check: logits max abs diff ")
+    assert float(lines[-1].split()[-1]) < 1e-4
+    assert any(line.startswith("build it with: timm.create_model('swin_base_patch4_window7_224', ") for line in lines)
+    code = cli.main(["convert", str(best), str(tmp_path / "ours.pth")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "is a fine-tuned classifier: it exports with --to timm" in err and len(err.splitlines()) == 1
