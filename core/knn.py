@@ -91,12 +91,11 @@ def knn_classify(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray,
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
-    """(Q, C) logits and (Q,) labels -> {"acc1", "acc5" (percent), "val_loss" (mean cross-entropy,
-    nats)}: core.metrics.EvalSums under the linear probe's keys."""
+    """(Q, C) logits and (Q,) labels -> {"val_acc1", "val_acc5" (percent), "val_loss" (mean
+    cross-entropy, nats)}: core.metrics.EvalSums, the keys fine-tuning logs too."""
     sums = EvalSums()
     sums.add(logits, labels)
-    m = sums.metrics()
-    return {"acc1": m["val_acc1"], "acc5": m["val_acc5"], "val_loss": m["val_loss"]}
+    return sums.metrics()
 
 
 def summary_line(what: str, top1: float, top5: float) -> str:

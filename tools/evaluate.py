@@ -120,7 +120,7 @@ def knn_evaluate(encoder, data: str, backend: str = "torch", checkpoint: Optiona
     features_s = time.perf_counter() - start
     start = time.perf_counter()
     result = knn.knn_classify(train_f, train.labels, val_f, val.labels, len(train.classes), k, temperature)
-    return {"acc1": result.top1, "acc5": result.top5, "k": int(k), "temperature": float(temperature),
+    return {"val_acc1": result.top1, "val_acc5": result.top5, "k": int(k), "temperature": float(temperature),
             "train_images": len(train), "val_images": len(val), "classes": len(train.classes),
             "features_s": features_s, "knn_s": time.perf_counter() - start, "cached": bool(hit_t and hit_v),
             "predictions": result.predictions}
@@ -137,7 +137,7 @@ def knn_hook(backend: str, model, cfg) -> Callable[[int], Dict[str, float]]:
 
     def evaluate(step: int) -> Dict[str, float]:
         rec = knn_evaluate(encoder, cfg.eval.knn_data, backend, batch_size=cfg.data.batch_size, progress=False)
-        return {"knn_acc1": rec["acc1"], "knn_acc5": rec["acc5"]}
+        return {"knn_acc1": rec["val_acc1"], "knn_acc5": rec["val_acc5"]}
 
     return evaluate
 
@@ -204,7 +204,7 @@ def _run_knn(args) -> int:
     rec = {"step": 0, "eval": "knn", "backend": backend, "checkpoint": os.path.abspath(args.checkpoint),
            "data": os.path.abspath(args.data), "pool": args.pool, "random_init": bool(args.random_init), **rec}
     _append_log(args.output, rec)
-    print(knn.summary_line("knn", rec["acc1"], rec["acc5"]), flush=True)
+    print(knn.summary_line("knn", rec["val_acc1"], rec["val_acc5"]), flush=True)
     return 0
 
 
@@ -226,7 +226,7 @@ def _run_linprobe(args) -> int:
     labelled.train_val_splits(args.data)
     backend = _backend_of(args.checkpoint, args.backend)
     result = import_backend_module(backend, "linprobe").run_linprobe(cfg)
-    print(knn.summary_line("linprobe", result["acc1"], result["acc5"]), flush=True)
+    print(knn.summary_line("linprobe", result["val_acc1"], result["val_acc5"]), flush=True)
     return 0
 
 

@@ -5,7 +5,7 @@
 
 Panels, all against the optimizer step: the losses (the total `loss` and one line per branch,
 `loss_b0`, `loss_b1`, ..., log scale when all are positive), the learning rate, and, when the log
-has them (fine-tuning and linear-probe runs), the accuracies (`acc1`, `acc5`, ...) and the
+has them (fine-tuning and linear-probe runs), the accuracies (`val_acc1`, `val_acc5`, ...) and the
 validation loss (`val_loss`). Lines that do not parse (a torn last line) are skipped; a key that
 only some lines have is drawn where it is present. matplotlib (non-interactive Agg canvas) draws.
 """

@@ -176,7 +176,7 @@ class ProbeStep:
 
 
 def evaluate_probe(encoder: Encoder, probe: LinearProbe, batches: Iterable[Tuple[np.ndarray, np.ndarray]]) -> Dict:
-    """{"acc1", "acc5" (percent), "val_loss"} of the probe (eval mode: running BatchNorm statistics)."""
+    """{"val_acc1", "val_acc5" (percent), "val_loss"} of the probe (eval mode: running BatchNorm statistics)."""
     was_training = probe.training
     probe.set_train(False)
     logits, labels = [], []
@@ -192,7 +192,7 @@ def evaluate_probe(encoder: Encoder, probe: LinearProbe, batches: Iterable[Tuple
 def run_linprobe(cfg) -> Dict:
     """Train (or resume) the probe as the LinprobeConfig `cfg` says; evaluate on val/.
 
-    Returns {"step", "loss", "checkpoint", "output_dir", "acc1", "acc5", "val_loss", "classes"}.
+    Returns {"step", "loss", "checkpoint", "output_dir", "val_acc1", "val_acc5", "val_loss", "classes"}.
     """
     target = select_device(cfg.train.device)
     out = os.path.abspath(cfg.train.output_dir)

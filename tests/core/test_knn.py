@@ -70,7 +70,7 @@ def test_classification_metrics_by_hand():
     m = knn.classification_metrics(logits, np.array([1, 2]))
     ce0 = -(1.0 - math.log(math.exp(2) + math.exp(1) + 1))
     ce1 = -(3.0 - math.log(2 + math.exp(3)))
-    assert m["acc1"] == 50.0 and m["acc5"] == 100.0
+    assert m["val_acc1"] == 50.0 and m["val_acc5"] == 100.0
     assert m["val_loss"] == pytest.approx((ce0 + ce1) / 2, rel=1e-12)
 
 

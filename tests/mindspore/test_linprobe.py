@@ -119,4 +119,4 @@ def test_run_logs_evaluates_checkpoints_the_head_and_resumes(digits, tmp_path):
     second = run_linprobe(cfg)
     rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert second["step"] == 12 and [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
-    assert [r["step"] for r in rows if "acc1" in r] == [6, 12] and math.isfinite(second["val_loss"])
+    assert [r["step"] for r in rows if "val_acc1" in r] == [6, 12] and math.isfinite(second["val_loss"])

@@ -104,7 +104,7 @@ def test_knn_predictions_are_identical_on_digits(checkpoint, tmp_path):
     recs = [knn_evaluate(mod.load_encoder(path), str(data), backend, progress=False)
             for mod, backend in ((tf, "torch"), (msf, "mindspore"))]
     np.testing.assert_array_equal(recs[0]["predictions"], recs[1]["predictions"])
-    assert recs[0]["acc1"] == recs[1]["acc1"] and recs[0]["acc5"] == recs[1]["acc5"]
+    assert recs[0]["val_acc1"] == recs[1]["val_acc1"] and recs[0]["val_acc5"] == recs[1]["val_acc5"]
     assert recs[0]["val_images"] == 30 and recs[0]["train_images"] == 120
-    assert recs[0]["acc1"] > 10.0  # better than chance on real digits, even with random weights
-    assert knn.summary_line("knn", recs[0]["acc1"], recs[0]["acc5"]).startswith("knn top-1: ")
+    assert recs[0]["val_acc1"] > 10.0  # better than chance on real digits, even with random weights
+    assert knn.summary_line("knn", recs[0]["val_acc1"], recs[0]["val_acc5"]).startswith("knn top-1: ")

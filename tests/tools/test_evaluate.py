@@ -97,9 +97,9 @@ def test_knn_command_log_and_cache(tmp_path, digits, tiny_ckpt, capsys):
     assert main(argv) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == first
     rows = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
-    assert [r["cached"] for r in rows] == [False, True] and rows[0]["acc1"] == rows[1]["acc1"]
+    assert [r["cached"] for r in rows] == [False, True] and rows[0]["val_acc1"] == rows[1]["val_acc1"]
     assert rows[0]["k"] == 20 and rows[0]["temperature"] == 0.07 and rows[0]["val_images"] == 8
-    assert f"top-1: {rows[0]['acc1']:.2f}" in first
+    assert f"top-1: {rows[0]['val_acc1']:.2f}" in first
     assert len(os.listdir(tmp_path / "cache")) == 2  # train and val features
     assert main(argv + ["--random-init"]) == 0  # the baseline, never cached
     assert json.loads(open(tmp_path / "o" / "log.jsonl").readlines()[-1])["random_init"] is True
@@ -114,7 +114,7 @@ def test_linprobe_command_and_config_errors(tmp_path, digits, tiny_ckpt, capsys)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert SUMMARY.match(last), last
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert [r["step"] for r in rows if "loss" in r] == [4] and "acc1" in rows[-1]  # log_every 11: the last step
+    assert [r["step"] for r in rows if "loss" in r] == [4] and "val_acc1" in rows[-1]  # log_every 11: the last step
     assert (out / "config.yaml").read_text().startswith("# localmim resolved linprobe config")
     assert main(argv + ["optim.blrr=1"]) == 2
     assert "unknown key 'optim.blrr' (did you mean 'optim.blr'?)" in capsys.readouterr().err

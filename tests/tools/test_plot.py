@@ -53,15 +53,15 @@ def test_plot_draws_the_total_every_branch_and_the_lr(tmp_path, capsys):
 
 
 def test_finetune_columns_get_their_panels(tmp_path):
-    rows = [{"step": s, "loss": 2.0 / s, "lr": 1e-3, **({"acc1": 10.0 * s, "acc5": 20.0 * s, "val_loss": 1.0 / s}
+    rows = [{"step": s, "loss": 2.0 / s, "lr": 1e-3, **({"val_acc1": 10.0 * s, "val_acc5": 20.0 * s, "val_loss": 1.0 / s}
                                                          if s % 20 == 0 else {})} for s in range(10, 70, 10)]
     _write_log(tmp_path, rows, torn=False)
     fig = plot.loss_figure(plot.read_log(str(tmp_path / "log.jsonl")))
     assert [ax.get_ylabel() for ax in fig.axes] == ["loss", "lr", "accuracy", "validation loss"]
     acc = {ln.get_label(): ln for ln in fig.axes[2].get_lines()}
-    assert list(acc) == ["acc1", "acc5"]
-    np.testing.assert_array_equal(acc["acc1"].get_xdata(), [20, 40, 60])          # only where present
-    np.testing.assert_allclose(acc["acc5"].get_ydata(), [400.0, 800.0, 1200.0])
+    assert list(acc) == ["val_acc1", "val_acc5"]
+    np.testing.assert_array_equal(acc["val_acc1"].get_xdata(), [20, 40, 60])          # only where present
+    np.testing.assert_allclose(acc["val_acc5"].get_ydata(), [400.0, 800.0, 1200.0])
     out = plot.plot_run(str(tmp_path), str(tmp_path / "sub" / "curves.png"))
     with Image.open(out) as im:
         assert im.size == (700, 4 * 260)

@@ -148,18 +148,18 @@ def test_run_logs_evaluates_checkpoints_the_head_and_resumes(digits, tmp_path):
     first = run_linprobe(cfg)
     assert first["step"] == 6 and first["classes"] == ["0", "1", "2"]
     rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    evals = [r for r in rows if "acc1" in r]
-    assert [r["step"] for r in evals] == [6] and {"acc5", "val_loss"} <= set(evals[0])  # end of epoch 2
+    evals = [r for r in rows if "val_acc1" in r]
+    assert [r["step"] for r in evals] == [6] and {"val_acc5", "val_loss"} <= set(evals[0])  # end of epoch 2
     payload = torch.load(first["checkpoint"], weights_only=True)
     assert set(payload["model"]) == {"head.0.running_mean", "head.0.running_var", "head.0.num_batches_tracked",
                                      "head.1.weight", "head.1.bias"}
     assert payload["config"]["model"]["checkpoint"].endswith("tiny.pth")
     cfg.train.max_steps = None  # resume to the end (4 epochs x 3 steps)
     second = run_linprobe(cfg)
-    assert second["step"] == 12 and 0.0 <= second["acc1"] <= 100.0
+    assert second["step"] == 12 and 0.0 <= second["val_acc1"] <= 100.0
     rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
-    assert [r["step"] for r in rows if "acc1" in r] == [6, 12]
+    assert [r["step"] for r in rows if "val_acc1" in r] == [6, 12]
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert lrs[0] == 0.0 and max(lrs) == pytest.approx(25.6 * 10 / 256)  # warmup to blr x batch / 256
 
