@@ -35,7 +35,7 @@ def _batches(spec, batch: int, classes: int, count: int, seed: int = 0) -> List[
         images = rng.standard_normal((batch, 3, spec.img_size, spec.img_size)).astype(np.float32)
         labels = rng.integers(0, classes, batch)
         x, y = mixup.mix_batch(images, labels, classes, mixup.MixupConfig(), mixup.mix_rng(seed, 0, k))
-        out.append({"images": x, "targets": y})
+        out.append({"images": x, "targets": y, "key": np.asarray([0, k])})
     return out
 
 
@@ -50,8 +50,7 @@ def _torch_step(cfg, spec, classes: int, batches, threads: int):
     stepper = finetune.FinetuneStep(model, build_optimizer(model, cfg, groups=finetune.finetune_groups(model, cfg)),
                                     accum=1, precision="fp32", device=torch.device("cpu"))
     stepper.set_lr(1e-4)
-    tb = [{"images": torch.from_numpy(b["images"]), "targets": torch.from_numpy(b["targets"]),
-           "key": torch.tensor([0, k])} for k, b in enumerate(batches)]
+    tb = [{k: torch.from_numpy(v) for k, v in b.items()} for b in batches]
 
     def step(i: int) -> float:
         stepper.micro(tb[i % len(tb)])

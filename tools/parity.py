@@ -489,7 +489,7 @@ def finetune_rows(model: str = "vit_tiny_test", pool: str = "avg", photos: Optio
             resolved[n] &= g > UNRESOLVED_GRAD * g.max()
         tstep.apply()
         mstep.set_lr(lr)
-        mstep.micro(b)
+        mstep.micro(dict(b, key=np.asarray([0, k])))
         mstep.apply()
     for n, mask in resolved.items():
         if n.endswith("attn.qkv.bias"):  # the key third: zero gradient (split_key_bias)

@@ -65,16 +65,31 @@ def build_classifier(cfg, num_classes: int):
 
 class FinetuneStep(TrainStep):
     """The pretraining step object (engine.TrainStep: accumulation, loss scaling, msrun reduction,
-    clipping, graph mode) with the classification loss: batches {"images", "targets" (soft)}; the
-    loss row is [loss]."""
+    clipping, graph mode) with the classification loss: batches {"images", "targets" (soft),
+    "key" (epoch, batch index)}; the loss row is [loss]. The drop-path draws of each micro-batch,
+    (blocks, 2, B) uniforms, come from a numpy generator keyed by (seed, epoch, batch index) and
+    enter the graph as an input, so a resumed run repeats the uninterrupted one."""
 
-    def losses(self, imgs, targets):
-        loss = soft_target_cross_entropy(self.model(imgs), targets)
+    def __init__(self, model, optimizer, *, seed: int = 0, **kwargs):
+        super().__init__(model, optimizer, **kwargs)
+        self.seed = int(seed)
+        spec = model.spec
+        self.num_blocks = spec.depth if spec.family == "vit" else sum(spec.depths)
+
+    def losses(self, imgs, extra):
+        targets, drop_draws = extra
+        loss = soft_target_cross_entropy(self.model(imgs, drop_draws), targets)
         return loss, loss.reshape(1)[:0]
 
-    @staticmethod
-    def inputs(batch: Dict):
-        return Tensor(np.asarray(batch["images"], np.float32)), Tensor(np.asarray(batch["targets"], np.float32))
+    def drop_draws(self, batch: Dict) -> np.ndarray:
+        """(blocks, 2, B) float32 uniforms in [0, 1) for the micro-batch `batch`."""
+        epoch, index = (int(v) for v in np.asarray(batch["key"]).reshape(-1)[:2])
+        rng = np.random.default_rng([self.seed, 13, epoch, index])
+        return rng.random((self.num_blocks, 2, len(batch["images"])), dtype=np.float32)
+
+    def inputs(self, batch: Dict):
+        targets = Tensor(np.asarray(batch["targets"], np.float32))
+        return Tensor(np.asarray(batch["images"], np.float32)), (targets, Tensor(self.drop_draws(batch)))
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -185,7 +200,7 @@ def run_finetune(cfg) -> Dict:
     model = build_classifier(cfg, classes)
     optimizer = build_optimizer(model, cfg, groups=finetune_groups(model, cfg))
     reducer = ms.nn.DistributedGradReducer(optimizer.parameters, mean=True, degree=world) if world > 1 else None
-    stepper = FinetuneStep(model, optimizer, accum=runs.accum_steps(cfg), reducer=reducer,
+    stepper = FinetuneStep(model, optimizer, seed=cfg.train.seed, accum=runs.accum_steps(cfg), reducer=reducer,
                            clip_grad=cfg.optim.clip_grad, use_jit=use_jit)
     img_size = model.spec.img_size
     loader, sampler = build_finetune_loader(cfg, train_split, classes, img_size, rank, world)

@@ -185,7 +185,10 @@ class Attention(nn.Cell):
 class DropPath(nn.Cell):
     """Stochastic depth per sample (fine-tuning only; identity when p == 0 or not training).
 
-    MindSpore Cells start in eval mode: call `set_train(True)` to activate it.
+    MindSpore Cells start in eval mode: call `set_train(True)` to activate it. A sample is kept
+    where floor(keep_prob + u) = 1 for its uniform draw u: `draws` (B,) from the caller (the
+    fine-tuning step draws them on the host from (seed, epoch, batch), so a resumed run repeats the
+    uninterrupted one; MindSpore's CPU kernels have no seedable generator), else ops.rand.
     """
 
     def __init__(self, drop_prob: float = 0.0):
@@ -193,11 +196,13 @@ class DropPath(nn.Cell):
         self.drop_prob = float(drop_prob)
         self.keep_prob = 1.0 - self.drop_prob
 
-    def construct(self, x):
+    def construct(self, x, draws=None):
         if self.drop_prob == 0.0 or not self.training:
             return x
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        keep = ops.floor(self.keep_prob + ops.rand(shape, dtype=x.dtype))
+        if draws is None:
+            draws = ops.rand(shape, dtype=x.dtype)
+        keep = ops.floor(self.keep_prob + draws.reshape(shape).astype(x.dtype))
         return x * keep / self.keep_prob
 
     def extend_repr(self):
@@ -215,10 +220,14 @@ class Block(nn.Cell):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def construct(self, x):
-        """x: (B, N, dim) -> (B, N, dim)."""
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def construct(self, x, drop_draws=None):
+        """x: (B, N, dim) -> (B, N, dim); drop_draws: None or (2, B) uniform draws of the two
+        drop paths (DropPath)."""
+        if drop_draws is None:
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.attn(self.norm1(x)), drop_draws[0])
+        return x + self.drop_path(self.mlp(self.norm2(x)), drop_draws[1])
 
 
 class _ConvWeights(nn.Cell):

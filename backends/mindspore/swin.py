@@ -194,10 +194,14 @@ class SwinBlock(nn.Cell):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def construct(self, x, win):
-        """x: (B, N, C) visible tokens of the stage; win: `window_inputs(...)` -> (B, N, C)."""
-        x = x + self.drop_path(self.attn(self.norm1(x), win))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def construct(self, x, win, drop_draws=None):
+        """x: (B, N, C) visible tokens of the stage; win: `window_inputs(...)` -> (B, N, C);
+        drop_draws: None or (2, B) uniform draws of the two drop paths (layers.DropPath)."""
+        if drop_draws is None:
+            x = x + self.drop_path(self.attn(self.norm1(x), win))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.attn(self.norm1(x), win), drop_draws[0])
+        return x + self.drop_path(self.mlp(self.norm2(x)), drop_draws[1])
 
 
 class PatchMerging(nn.Cell):
@@ -245,11 +249,15 @@ class SwinStage(nn.Cell):
         self.blocks = nn.CellList([SwinBlock(dim, num_heads, window, mlp_ratio, rates[b]) for b in range(depth)])
         self.downsample = PatchMerging(dim) if downsample else None
 
-    def construct(self, x, windows, merge_index):
+    def construct(self, x, windows, merge_index, drop_draws=None):
         """x: (B, N, C) visible tokens; windows: the stage's `window_inputs` per configuration;
-        merge_index: (N', 4) int64, None without merging -> (B, N', 2C) (or (B, N, C) as is)."""
+        merge_index: (N', 4) int64, None without merging; drop_draws: None or (depth, 2, B)
+        uniform draws -> (B, N', 2C) (or (B, N, C) as is)."""
         for b, blk in enumerate(self.blocks):
-            x = blk(x, windows[b % len(windows)])
+            if drop_draws is None:
+                x = blk(x, windows[b % len(windows)])
+            else:
+                x = blk(x, windows[b % len(windows)], drop_draws[b])
         if self.downsample is not None:
             x = self.downsample(x, merge_index)
         return x

@@ -43,6 +43,7 @@ class SwinClassifier(ClassifierState, nn.Cell):
         last = spec.num_stages - 1
         rates = drop_path_rates(drop_path, sum(spec.depths))
         starts = np.cumsum((0,) + tuple(spec.depths))
+        self.stage_starts = tuple(int(s) for s in starts)
         self.patch_embed = SwinPatchEmbed(spec.img_size, spec.patch_size, 3, spec.embed_dim)
         self.layers = nn.CellList([
             SwinStage(spec.stage_dim(i), spec.depths[i], spec.num_heads[i], spec.stage_window(i),
@@ -82,13 +83,18 @@ class SwinClassifier(ClassifierState, nn.Cell):
         set_initial(self.head.weight, TruncatedNormal(HEAD_INIT_STD))
         set_initial(self.head.bias, "zeros")
 
-    def forward_features(self, imgs):
+    def forward_features(self, imgs, drop_draws=None):
         """imgs (B, 3, S, S) -> the last stage's tokens (B, N_last, C_last), cell-major (and after
-        `norm` in norm_avg mode)."""
+        `norm` in norm_avg mode); drop_draws: None (drop path draws from ops.rand) or
+        (sum(depths), 2, B) uniform draws."""
         x = ops.gather(self.patch_embed(imgs), self.patch_index, 1)
         for i, stage in enumerate(self.layers):
             merge_index = self.merge_indices[i] if stage.downsample is not None else None
-            x = stage(x, self.stage_windows[i], merge_index)
+            if drop_draws is None:
+                x = stage(x, self.stage_windows[i], merge_index)
+            else:
+                x = stage(x, self.stage_windows[i], merge_index,
+                          drop_draws[self.stage_starts[i]:self.stage_starts[i + 1]])
         if self.norm_first:
             return self.norm(x)
         return x
@@ -100,8 +106,8 @@ class SwinClassifier(ClassifierState, nn.Cell):
             return self.head(pooled)
         return self.head(self.fc_norm(pooled))
 
-    def construct(self, imgs):
-        return self.forward_head(self.forward_features(imgs))
+    def construct(self, imgs, drop_draws=None):
+        return self.forward_head(self.forward_features(imgs, drop_draws))
 
 
 def load_swin_classifier(path: str, num_classes: int, global_pool: str = "avg", drop_path: float = 0.0,

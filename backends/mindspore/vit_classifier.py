@@ -65,14 +65,18 @@ class ViTClassifier(ClassifierState, nn.Cell):
         set_initial(self.head.weight, TruncatedNormal(HEAD_INIT_STD))
         set_initial(self.head.bias, "zeros")
 
-    def forward_features(self, imgs):
-        """imgs (B, 3, S, S) -> tokens (B, 1+N, D) after the blocks (and `norm` in token mode)."""
+    def forward_features(self, imgs, drop_draws=None):
+        """imgs (B, 3, S, S) -> tokens (B, 1+N, D) after the blocks (and `norm` in token mode);
+        drop_draws: None (drop path draws from ops.rand) or (depth, 2, B) uniform draws."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
         b, _, d = x.shape
         cls = ops.broadcast_to(self.cls_token + self.pos_embed[:, :1, :], (b, 1, d))
         x = ops.concat((cls, x), axis=1)
-        for blk in self.blocks:
-            x = blk(x)
+        for i, blk in enumerate(self.blocks):
+            if drop_draws is None:
+                x = blk(x)
+            else:
+                x = blk(x, drop_draws[i])
         if self.pool_tokens:
             return x
         return self.norm(x)
@@ -83,8 +87,8 @@ class ViTClassifier(ClassifierState, nn.Cell):
             return self.head(self.fc_norm(x[:, 1:, :].mean(axis=1)))
         return self.head(x[:, 0, :])
 
-    def construct(self, imgs):
-        return self.forward_head(self.forward_features(imgs))
+    def construct(self, imgs, drop_draws=None):
+        return self.forward_head(self.forward_features(imgs, drop_draws))
 
 
 def load_vit_classifier(path: str, num_classes: int, global_pool: str = "avg", drop_path: float = 0.0,

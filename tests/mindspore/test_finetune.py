@@ -97,3 +97,44 @@ def test_cli_finetunes_a_swin_in_graph_mode_and_exports_it_to_timm(tmp_path, cap
                      "--check"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert code == 0 and last.startswith("check: logits max abs diff ") and float(last.split()[-1]) < 1e-4
+
+
+def test_resume_with_drop_path_repeats_the_uninterrupted_run(tmp_path):
+    """Graph mode, drop path 0.3, RandAugment, 3 steps an epoch: stopped after step 2, resumed to 4."""
+    from localmim.backends.mindspore import checkpoint as ckpt
+    from localmim.core.config import config_from_dict
+    data = _folders(tmp_path / "data", classes=3)
+
+    def config(out, steps):
+        return config_from_dict({
+            "model": {"name": "vit_tiny_test", "drop_path": 0.3},
+            "data": {"path": str(data), "batch_size": 4, "num_workers": 0, "auto_augment": "rand-m9-mstd0.5-inc1"},
+            "optim": {"lr": 1e-3, "epochs": 2, "warmup_epochs": 0.5, "layer_decay": 0.75},
+            "train": {"device": "cpu", "output_dir": str(out), "log_every": 1, "progress": False, "seed": 4,
+                      "save_every_steps": 1, "keep_checkpoints": 9, "max_steps": steps}}, kind="finetune")
+
+    whole = F.run_finetune(config(tmp_path / "whole", 4))
+    F.run_finetune(config(tmp_path / "part", 2))
+    part = F.run_finetune(config(tmp_path / "part", 4))
+    a = ckpt.load_checkpoint(whole["checkpoint"])["model"]
+    b = ckpt.load_checkpoint(part["checkpoint"])["model"]
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    import json
+    losses = [[json.loads(line).get("loss") for line in open(out / "log.jsonl")] for out in
+              (tmp_path / "whole", tmp_path / "part")]
+    assert [x for x in losses[0] if x is not None] == [x for x in losses[1] if x is not None]
+
+
+def test_drop_path_draws_from_the_step_input():
+    """The same host draws give the same training-mode output; other draws another one."""
+    spec = get_spec("vit_tiny_test")
+    model = ViTClassifier(spec, 3, drop_path=0.5)
+    model.set_train(True)
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32))
+    draws = np.random.default_rng(1).random((spec.depth, 2, 4)).astype(np.float32)
+    a, b = model(x, ms.Tensor(draws)).asnumpy(), model(x, ms.Tensor(draws)).asnumpy()
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, model(x, ms.Tensor(draws[::-1].copy())).asnumpy())
+    model.set_train(False)
+    np.testing.assert_array_equal(model(x, ms.Tensor(draws)).asnumpy(), model(x).asnumpy())
