@@ -30,7 +30,6 @@ from typing import Dict, Mapping, Tuple
 import numpy as np
 
 from localmim.core import keymaps
-from localmim.core.layouts import TIMM_DOWNSAMPLE_KEY
 from localmim.core.specs import SwinSpec, ViTSpec
 from localmim.core.state import StateError, check_state, swin_encoder_shapes, vit_encoder_shapes
 
@@ -55,8 +54,9 @@ def check_pool(family: str, global_pool: str) -> str:
     return global_pool
 
 
-def _check_pool(global_pool: str) -> str:
-    return check_pool("vit", global_pool)
+def _head_norm(global_pool: str) -> str:
+    """The head's LayerNorm: `fc_norm` on the pooled vector (avg) or the final `norm` on the tokens."""
+    return "fc_norm" if global_pool == "avg" else "norm"
 
 
 def vit_classifier_shapes(spec: ViTSpec, num_classes: int, global_pool: str = "avg") -> Dict[str, Tuple[int, ...]]:
@@ -64,7 +64,7 @@ def vit_classifier_shapes(spec: ViTSpec, num_classes: int, global_pool: str = "a
     blocks.*, then fc_norm (avg) or norm (token), head.weight (C, D), head.bias (C,)."""
     d = spec.embed_dim
     out = vit_encoder_shapes(spec, branch_norms=False)
-    norm = "fc_norm" if _check_pool(global_pool) == "avg" else "norm"
+    norm = _head_norm(check_pool("vit", global_pool))
     out.update({f"{norm}.weight": (d,), f"{norm}.bias": (d,),
                 "head.weight": (int(num_classes), d), "head.bias": (int(num_classes),)})
     return out
@@ -82,7 +82,7 @@ def vit_classifier_state(encoder: Mapping[str, np.ndarray], spec: ViTSpec, globa
     """
     expected = vit_encoder_shapes(spec, branch_norms=False)
     last_norm = f"norm.{len(spec.taps) - 1}"
-    if _check_pool(global_pool) == "token":
+    if check_pool("vit", global_pool) == "token":
         expected.update({f"{last_norm}.weight": (spec.embed_dim,), f"{last_norm}.bias": (spec.embed_dim,)})
     picked = {k: encoder[k] for k in expected if k in encoder}
     check_state(expected, picked, what=f"encoder of {what}")
@@ -91,10 +91,6 @@ def vit_classifier_state(encoder: Mapping[str, np.ndarray], spec: ViTSpec, globa
         out["norm.weight"] = np.asarray(picked[f"{last_norm}.weight"], np.float32)
         out["norm.bias"] = np.asarray(picked[f"{last_norm}.bias"], np.float32)
     return out
-
-
-def _head_norm(global_pool: str) -> str:
-    return "fc_norm" if global_pool == "avg" else "norm"
 
 
 def _swin_encoder_name(canonical: str) -> str:
@@ -156,15 +152,8 @@ def timm_classifier_state(state: Mapping[str, np.ndarray], spec, global_pool: st
         raise StateError(f"{what} is a Swin classifier with global_pool {global_pool!r} (LayerNorm after the "
                          f"pooling, the reference's head), which timm's SwinTransformer does not have; fine-tune "
                          f"with model.global_pool=norm_avg to export to timm")
-    out = {}
-    for name, value in state.items():
-        m = TIMM_DOWNSAMPLE_KEY.match(name)
-        if m:
-            name = f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}"
-        elif name.startswith("head."):
-            name = "head.fc." + name[len("head."):]
-        out[name] = np.asarray(value, np.float32)
-    return out
+    return {("head.fc." + name[len("head."):] if name.startswith("head.") else keymaps.timm_swin_name(name)):
+            np.asarray(value, np.float32) for name, value in state.items()}
 
 
 def timm_classifier_kwargs(spec, num_classes: int, global_pool: str) -> Dict[str, object]:

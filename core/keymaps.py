@@ -34,7 +34,7 @@ __all__ = [
     "mae_decoder_shapes", "timm_kwargs", "identity_branch_norms", "fixed_hog_kernels",
     "to_canonical", "from_canonical", "convert_state",
     "swin_relative_position_index", "merge_official_to_ours", "merge_ours_to_official", "is_merge_key",
-    "from_official_swin", "to_official_swin", "to_swin_encoder", "from_swin_encoder", "to_timm_swin",
+    "from_official_swin", "to_official_swin", "to_swin_encoder", "from_swin_encoder", "timm_swin_name", "to_timm_swin",
     "from_timm_swin", "timm_swin_kwargs", "swin_to_canonical", "convert_swin_state",
 ]
 
@@ -511,15 +511,18 @@ def from_swin_encoder(state: Mapping[str, np.ndarray], spec, what: str = "checkp
             for k, v in plain.items()}
 
 
+def timm_swin_name(name: str) -> str:
+    """A "swin-encoder" key as timm's SwinTransformer names it: the merging at the end of stage s
+    is timm's `layers.{s+1}.downsample.*` (timm merges at a stage's start, in the same TL, BL, TR,
+    BR order); every other key is the same."""
+    m = TIMM_DOWNSAMPLE_KEY.match(name)
+    return f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}" if m else name
+
+
 def to_timm_swin(state: Mapping[str, np.ndarray], spec, what: str = "checkpoint") -> Dict[str, np.ndarray]:
-    """Canonical Swin -> timm SwinTransformer keys: as "swin-encoder" with the merging of stage s
-    renamed `layers.{s+1}.downsample.*` (timm merges at a stage's start, in the same TL, BL, TR, BR
-    order). Load into `timm.create_model(**timm_swin_kwargs(spec))` (strict)."""
-    out = {}
-    for name, value in to_swin_encoder(state, spec, what).items():
-        m = TIMM_DOWNSAMPLE_KEY.match(name)
-        out[f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}" if m else name] = value
-    return out
+    """Canonical Swin -> timm SwinTransformer keys: "swin-encoder" renamed by `timm_swin_name`.
+    Load into `timm.create_model(**timm_swin_kwargs(spec))` (strict)."""
+    return {timm_swin_name(name): value for name, value in to_swin_encoder(state, spec, what).items()}
 
 
 def from_timm_swin(state: Mapping[str, np.ndarray], spec, what: str = "checkpoint") -> Dict[str, np.ndarray]:

@@ -29,7 +29,6 @@ from localmim.core.state import check_state
 __all__ = ["SwinClassifier", "load_swin_classifier"]
 
 
-
 class SwinClassifier(ClassifierState, nn.Cell):
     """Swin classifier built from a `core.specs.SwinSpec`: images (B, 3, S, S) -> logits (B, num_classes)."""
 

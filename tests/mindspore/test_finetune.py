@@ -9,7 +9,6 @@ ms = pytest.importorskip("mindspore")
 
 from localmim.backends.mindspore import ensure_cpu_context  # noqa: E402
 from localmim.backends.mindspore import finetune as F  # noqa: E402
-from localmim.backends.mindspore.swin_classifier import SwinClassifier  # noqa: E402
 from localmim.backends.mindspore.vit_classifier import ViTClassifier  # noqa: E402
 from localmim.core.specs import get_spec  # noqa: E402
 from localmim.tools import cli  # noqa: E402
@@ -24,37 +23,22 @@ def test_timm_randaugment_strings_map_to_mindspore_magnitudes():
         F.randaugment_magnitude("augmix-m5")
 
 
-@pytest.mark.parametrize("pool", ["avg", "token"])
-def test_classifier_matches_the_torch_twin(pool, h):
+@pytest.mark.parametrize("model,pool", [("vit_tiny_test", "avg"), ("vit_tiny_test", "token"),
+                                        ("swin_tiny_test", "avg"), ("swin_tiny_test", "norm_avg")])
+def test_classifier_matches_the_torch_twin_eager_and_in_graph_mode(model, pool, h):
     torch = pytest.importorskip("torch")
-    from localmim.backends.torch.vit_classifier import ViTClassifier as TorchClassifier
-    spec = get_spec("vit_tiny_test")
+    from localmim.backends.torch.finetune import CLASSIFIERS as TORCH_CLASSIFIERS
+    spec = get_spec(model)
     torch.manual_seed(0)
-    ref = TorchClassifier(spec, 7, pool).eval()
+    ref = TORCH_CLASSIFIERS[spec.family][0](spec, 7, pool).eval()
     with torch.no_grad():
         ref.head.weight.normal_()
-    ours = ViTClassifier(spec, 7, pool, drop_path=0.3)
+    ours = F.CLASSIFIERS[spec.family][0](spec, 7, pool, drop_path=0.3)
     assert ours.state_shapes() == ref.state_shapes()
     ours.import_state(ref.export_state())
-    x = h.make_images(2, 32, seed=1)
-    assert h.rel_err(ours(ms.Tensor(x)), ref(torch.from_numpy(x))) < 1e-5   # drop path: off in eval mode
-
-
-@pytest.mark.parametrize("pool", ["avg", "norm_avg"])
-def test_swin_classifier_matches_the_torch_twin_eager_and_in_graph_mode(pool, h):
-    torch = pytest.importorskip("torch")
-    from localmim.backends.torch.swin_classifier import SwinClassifier as TorchClassifier
-    spec = get_spec("swin_tiny_test")
-    torch.manual_seed(0)
-    ref = TorchClassifier(spec, 5, pool).eval()
-    with torch.no_grad():
-        ref.head.weight.normal_()
-    ours = SwinClassifier(spec, 5, pool, drop_path=0.3)
-    assert ours.state_shapes() == ref.state_shapes()
-    ours.import_state(ref.export_state())
-    x = h.make_images(2, 64, seed=2)
+    x = h.make_images(2, spec.img_size, seed=1)
     want = ref(torch.from_numpy(x))
-    assert h.rel_err(ours(ms.Tensor(x)), want) < 1e-5
+    assert h.rel_err(ours(ms.Tensor(x)), want) < 1e-5   # drop path: off in eval mode
     assert h.rel_err(ms.jit(ours.construct)(ms.Tensor(x)), want) < 1e-5
 
 
