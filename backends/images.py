@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from localmim.core import masking
-from localmim.core.swin_plan import build_swin_plan
+from localmim.core.swin_plan import build_swin_plan, static_plan_bounds
 
 __all__ = [
     "IMG_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "find_images", "load_rgb",
@@ -300,14 +300,16 @@ class SwinPlanCollate(BatchCollate):
 
     The mask of (seed, epoch, batch index within the epoch, rank) is one cell mask for the whole
     per-rank batch; the plan (window grouping, merge and scatter indices) is built here, off the
-    training step, as a dict of C-contiguous arrays. pad_groups_to / group_size: passed to
-    build_swin_plan (None: the natural, variable shapes).
+    training step, as a dict of C-contiguous arrays. static: pad every plan to the shapes of
+    core.swin_plan.static_plan_bounds, the same for every mask (what compiled training needs);
+    otherwise each plan has its natural, smallest shapes.
     """
 
-    def __init__(self, seed: int, rank: int, spec, mask_ratio: float, pad_groups_to=None, group_size=None):
+    def __init__(self, seed: int, rank: int, spec, mask_ratio: float, static: bool = False):
         super().__init__(seed, rank)
-        self.spec, self.mask_ratio = spec, float(mask_ratio)
-        self.pad_groups_to, self.group_size = pad_groups_to, group_size
+        self.spec, self.mask_ratio, self.static = spec, float(mask_ratio), bool(static)
+        self.pad_groups_to, self.group_size = (static_plan_bounds(spec, self.mask_ratio) if self.static
+                                               else (None, None))
         # the plan's keys depend on the spec only; build one plan to list them
         probe = masking.swin_cell_mask(np.random.default_rng(0), spec.mask_grid, self.mask_ratio)
         self.mask_keys = tuple(sorted(build_swin_plan(spec, probe).to_arrays()))

@@ -31,11 +31,12 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from localmim.core import masking
 from localmim.core.specs import SwinSpec
 
 __all__ = [
     "MASK_VALUE", "WindowPlan", "StagePlan", "BranchPlan", "SwinPlan", "SwinPlanError",
-    "build_swin_plan", "cell_major_coords", "window_ids", "pack_windows",
+    "build_swin_plan", "static_plan_bounds", "cell_major_coords", "window_ids", "pack_windows",
 ]
 
 MASK_VALUE = -100.0  # additive mask between windows and on pads (docs/method.md#swin-window-attention)
@@ -410,3 +411,52 @@ def build_swin_plan(spec: SwinSpec, cell_mask: np.ndarray, pad_groups_to: PadSpe
         up = np.repeat(np.repeat(mask2d, f, axis=0), f, axis=1).reshape(-1).astype(np.float32)
         branches.append(BranchPlan(src, g, scatter, up))
     return SwinPlan(mask, patch_index, tuple(stages), tuple(branches))
+
+
+def _windows_per_side(resolution: int, window: int, shift: int) -> int:
+    """Windows per side of one window configuration (window_ids' offset grid)."""
+    offset = (window - shift) % window
+    return (resolution - 1 + offset) // window + 1
+
+
+def static_plan_bounds(spec: SwinSpec, mask_ratio: float) -> Tuple[List[Optional[int]], List[Optional[int]]]:
+    """(pad_groups_to, group_size) per stage that make every Swin plan of `spec` at `mask_ratio`
+    the same shape, for compiled training (MindSpore ms.jit, torch.compile with static shapes and
+    CUDA graphs). None for stages in masking mode.
+
+    The visible token count of stage i is fixed (the ratio fixes the number of visible cells,
+    each holding (res_i / mask_grid)^2 tokens), so only the grouping of grouping-mode stages
+    (N_vis > 2 w^2) varies. group_size = w*w: no window holds more. pad_groups_to = the largest
+    number of groups any mask can need, bounded three ways (per window configuration, the
+    largest over the stage's configurations):
+    - every group holds at least one non-empty window, and the windows a visible cell of c x c
+      tokens can touch are at most ((c - 1) // w + 2)^2, so G <= visible_cells * that, and G is
+      at most the windows of the configuration;
+    - pack_windows takes, each round, a subset of the remaining windows with the
+      largest total <= w*w. Two groups chosen in that order cannot sum to <= w*w (the later one's
+      windows were available to the earlier round, whose union would have been a larger feasible
+      subset), so any two groups hold >= w*w + 1 tokens; pairing them, G <= 2 * (N_vis // (w*w + 1)) + 1.
+    """
+    m = spec.mask_grid
+    visible_cells = m * m - masking.num_masked_cells(m * m, mask_ratio)
+    if visible_cells < 1:
+        raise SwinPlanError(f"mask.ratio {mask_ratio} leaves no visible cell of the {m}x{m} mask grid of {spec.name}")
+    pads: List[Optional[int]] = []
+    sizes: List[Optional[int]] = []
+    for i in range(spec.num_stages):
+        res, w, shift = spec.stage_resolution(i), spec.stage_window(i), spec.stage_shift(i)
+        cell = res // m
+        n_vis = visible_cells * cell * cell
+        if n_vis <= 2 * w * w:      # masking mode: one group of the whole (fixed-length) sequence
+            pads.append(None)
+            sizes.append(None)
+            continue
+        per_cell = ((cell - 1) // w + 2) ** 2
+        pair_bound = 2 * (n_vis // (w * w + 1)) + 1
+        bound = 0
+        for s in ((0, shift) if shift > 0 else (0,)):
+            windows = _windows_per_side(res, w, s) ** 2
+            bound = max(bound, min(n_vis, windows, visible_cells * per_cell, pair_bound))
+        pads.append(bound)
+        sizes.append(w * w)
+    return pads, sizes

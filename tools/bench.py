@@ -117,11 +117,18 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def synthetic_batches(spec, batch: int, mask_ratio: float, count: int = 4):
+def mask_collate(spec, mask_ratio: float, static: bool = False):
+    """The loader's mask collate for `spec` (seed 0, rank 0): ViT masks, or Swin plans padded to
+    static shapes when `static` (what a compiled step is fed, engine.build_loader)."""
+    if spec.family == "swin":
+        return images.SwinPlanCollate(0, 0, spec, mask_ratio, static=static)
+    return images.MaskCollate(0, 0, spec.num_patches, mask_ratio)
+
+
+def synthetic_batches(spec, batch: int, mask_ratio: float, count: int = 4, static: bool = False):
     """`count` loader-style numpy batches {"images", "masks"}: one set of random images, the masks of
-    micro-batches 0..count-1 from the loader's own collate (ViT masks or Swin plans)."""
-    collate = (images.SwinPlanCollate(0, 0, spec, mask_ratio) if spec.family == "swin"
-               else images.MaskCollate(0, 0, spec.num_patches, mask_ratio))
+    micro-batches 0..count-1 from the loader's own collate (`mask_collate`)."""
+    collate = mask_collate(spec, mask_ratio, static)
     imgs = np.random.default_rng(0).standard_normal((batch, 3, spec.img_size, spec.img_size), dtype=np.float32)
     return [{"images": imgs, "masks": collate.mask_arrays(0, i, batch)} for i in range(count)]
 
@@ -160,12 +167,15 @@ def _sync(dev) -> None:
 
 # ---------------------------------------------------------------------------------------- step
 def bench_torch(spec, cfg, device: str, steps: int, warmup: int, end_to_end: bool = False,
-                profile_dir: Optional[str] = None, profile_steps: int = 3, label: str = "bench") -> Dict:
+                profile_dir: Optional[str] = None, profile_steps: int = 3, label: str = "bench",
+                static_plans: bool = False, check_sync: bool = False) -> Dict:
     """Time `steps` optimizer steps of the engine's TrainStep after `warmup` steps.
 
-    Synthetic batches sit on the device before the timed loop; end_to_end pulls each batch from
-    the loader of cfg.data (its wait is reported as data_wait_share). `first_loss` is the loss of
-    the first step (gathered during warmup, outside the timed region).
+    Synthetic batches sit on the device before the timed loop (Swin plans padded to static shapes
+    with train.compile, as the loader pads them, or with static_plans: the padding's cost in
+    eager); end_to_end pulls each batch from the loader of cfg.data (its wait is reported as
+    data_wait_share). `first_loss` is the loss of the first step (gathered during warmup, outside
+    the timed region). check_sync: after the timed steps, `host_sync_check` (CUDA only).
     """
     import torch
 
@@ -176,7 +186,8 @@ def bench_torch(spec, cfg, device: str, steps: int, warmup: int, end_to_end: boo
     else:
         synthetic = [{"images": torch.from_numpy(b["images"]).to(dev),
                       "masks": {k: torch.from_numpy(v).to(dev) for k, v in b["masks"].items()}}
-                     for b in synthetic_batches(spec, cfg.data.batch_size, cfg.mask.ratio)]
+                     for b in synthetic_batches(spec, cfg.data.batch_size, cfg.mask.ratio,
+                                                static=static_plans or bool(cfg.train.compile))]
         source = (synthetic[i % len(synthetic)] for i in range(10 ** 12))
     waited = [0.0]
 
@@ -212,15 +223,56 @@ def bench_torch(spec, cfg, device: str, steps: int, warmup: int, end_to_end: boo
         peak = _peak_flops(name)
         if peak and spec.family == "vit":
             result["mfu"] = vit_train_flops(spec, batch, cfg.mask.ratio) / (elapsed / steps) / peak
+    if check_sync:
+        result.update(host_sync_check(step, dev))
     if profile_dir:
         result.update(profile_steps_summary(step, dev, profile_steps, profile_dir, label))
     return result
 
 
+def host_sync_check(step, dev, steps: int = 2) -> Dict:
+    """Run `steps` more steps with torch.cuda.set_sync_debug_mode("error"), which raises at the
+    first operation that makes the host wait for the GPU (a device-to-host copy, .item(), a
+    synchronize, nonzero, ...). -> {"host_sync": "none"} or {"host_sync": where the first one was}.
+    The step's own loss rows stay on the device, so none is expected. `dev` is a CUDA device."""
+    import torch
+
+    _sync(dev)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(steps):
+            step()
+        found = "none"
+    except RuntimeError as err:
+        found = f"{_innermost_frame(err)}: {str(err).splitlines()[0]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    _sync(dev)
+    return {"host_sync": found}
+
+
+def _innermost_frame(err: BaseException) -> str:
+    """Where `err` was raised: "file:line (function)" of the deepest traceback frame in this
+    package, then " -> " the deepest frame of all when that one is elsewhere (torch, say)."""
+    import traceback
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frames = traceback.extract_tb(err.__traceback__)
+    ours = [f for f in frames if os.path.abspath(f.filename).startswith(root + os.sep)]
+
+    def where(f):
+        path = os.path.abspath(f.filename)
+        path = os.path.relpath(path, root) if path.startswith(root + os.sep) else path.split("site-packages" + os.sep)[-1]
+        return f"{path}:{f.lineno} ({f.name})"
+
+    text = where(ours[-1]) if ours else ""
+    if frames and (not ours or frames[-1] is not ours[-1]):
+        text += (" -> " if text else "") + where(frames[-1])
+    return text
+
+
 def profile_steps_summary(step, dev, steps: int, out_dir: str, label: str, rows: int = 30) -> Dict:
     """Run `steps` steps under torch.profiler; write <label>-trace.json (chrome://tracing,
     perfetto) and <label>-summary.txt (ops by self time) into out_dir; return the top ops."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     os.makedirs(out_dir, exist_ok=True)
@@ -327,8 +379,7 @@ def find_max_batch(spec, cfg, device: str, memory_gib: float, start: int = 64, m
     model, stepper = build_step(cfg, spec, dev)
     tries = []
 
-    collate = (images.SwinPlanCollate(0, 0, spec, cfg.mask.ratio) if spec.family == "swin"
-               else images.MaskCollate(0, 0, spec.num_patches, cfg.mask.ratio))
+    collate = mask_collate(spec, cfg.mask.ratio, static=bool(cfg.train.compile))
 
     def fits(batch: int) -> bool:
         x = None
@@ -399,13 +450,16 @@ def suite_configs(tiny: bool, jpegs: str, out_dir: str) -> List[List[str]]:
 
     vitb, swinb, vitl = model(vit_b, "hog"), model(swin_b, "pixel"), model(vit_l, "hog")
     loader = ["--data", jpegs, "--workers", workers, "--batch", loader_batch, "--model", vit_b[0]] + common
-    runs = [["vitb_hog_eager", *vitb], ["vitb_hog_compiled", *vitb, "--compile"],
+    # eager runs check for host syncs: a compiled forward cannot hold one (fullgraph), and the
+    # backward and AdamW outside it are the eager step's
+    sync = [] if tiny else ["--check-sync"]
+    runs = [["vitb_hog_eager", *vitb, *sync], ["vitb_hog_compiled", *vitb, "--compile"],
             ["loader_cpu", *loader]]
     end_to_end = [*vitb, "--compile", "--data", jpegs, "--end-to-end", "--workers", workers]
     if not tiny:
         runs.append(["loader_gpu", *loader, "--decode", "gpu"])
         runs.append(["vitb_hog_compiled_jpegs_gpu_decode", *end_to_end, "--decode", "gpu"])
-    runs += [["swinb_pixel_eager", *swinb], ["swinb_pixel_compiled", *swinb, "--compile"],
+    runs += [["swinb_pixel_eager", *swinb, *sync], ["swinb_pixel_compiled", *swinb, "--compile"],
              ["vitl_hog_eager", *vitl], ["vitl_hog_compiled", *vitl, "--compile"],
              ["vitb_hog_compiled_jpegs_cpu_decode", *end_to_end]]
     if not tiny:
@@ -416,6 +470,8 @@ def suite_configs(tiny: bool, jpegs: str, out_dir: str) -> List[List[str]]:
             runs.append([f"{label}_max_batch", "--model", m[0], "--target", target, "--find-max-batch", "80,141"]
                         + precision)
         runs.append(["vitb_hog_compiled_reduce_overhead", *vitb, "--compile", "--compile-mode", "reduce-overhead"])
+        runs.append(["swinb_pixel_compiled_reduce_overhead", *swinb, "--compile", "--compile-mode", "reduce-overhead"])
+        runs.append(["swinb_pixel_eager_static_plans", *swinb, "--static-plans"])   # what the padding costs
     runs.append(["vitb_hog_compiled_profile", *vitb, "--compile", "--profile", out_dir])
     return runs
 
@@ -474,6 +530,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the step (train.compile)")
     parser.add_argument("--compile-mode", default=None, choices=COMPILE_MODES, help="train.compile_mode")
+    parser.add_argument("--static-plans", action="store_true",
+                        help="Swin, synthetic batches: plans padded to static shapes without --compile too")
     parser.add_argument("--target", default=None, choices=["hog", "pixel"])
     parser.add_argument("--nbins", type=int, default=None)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
@@ -494,6 +552,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="after timing, profile a few steps: DIR/<label>-trace.json and -summary.txt")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--check-sync", action="store_true",
+                        help="after the timed steps, 2 steps that fail at any host sync (CUDA only); prints where")
     parser.add_argument("--label", default=None, help="a name for this configuration in the JSON line and files")
     parser.add_argument("--output", metavar="FILE", default=None, help="also append each JSON line to FILE")
     parser.add_argument("--suite", metavar="FILE", default=None,
@@ -532,6 +592,11 @@ def run(args) -> int:
     label = args.label or f"{args.model}-b{args.batch}"
     common = {"model": args.model, "target": spec.target.kind, "batch": args.batch, "precision": precision,
               "compile": bool(args.compile), "compile_mode": args.compile_mode, "label": label}
+    if spec.family == "swin":
+        common["static_plans"] = bool(args.compile or args.static_plans)
+    if args.check_sync and not device.startswith("cuda"):
+        raise BenchError("--check-sync watches CUDA's host synchronisations, and this run has no CUDA device; "
+                         "run it on a GPU")
     if args.data and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data {args.data} does not exist or is not a folder")
     results = []
@@ -548,7 +613,8 @@ def run(args) -> int:
             cfg.data.num_workers = _worker_counts(args.workers, True)[0]
             common["workers"], common["decode"] = cfg.data.num_workers, cfg.data.decode
         results.append(bench_torch(spec, cfg, device, args.steps, args.warmup, end_to_end=bool(args.data),
-                                   profile_dir=args.profile, profile_steps=args.profile_steps, label=label))
+                                   profile_dir=args.profile, profile_steps=args.profile_steps, label=label,
+                                   static_plans=args.static_plans, check_sync=args.check_sync))
     for r in results:
         record = {**common, **r}
         print(json.dumps(record), flush=True)

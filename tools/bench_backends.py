@@ -216,7 +216,7 @@ def run(args) -> int:
     from localmim.backends.torch import build_model as torch_model
 
     spec = get_spec(args.model)
-    batches = synthetic_batches(spec, args.batch, args.mask_ratio)
+    batches = synthetic_batches(spec, args.batch, args.mask_ratio, static=True)  # Swin: one ms.jit graph
     torch.manual_seed(0)
     state = torch_model(spec).export_state()
     load_start = _load()

@@ -12,9 +12,9 @@ Determinism (what makes resume and any worker count give the same numbers):
 Batches are dicts of numpy arrays {"images" (B,3,S,S) float32 ImageNet-normalised, "masks": the
 model's second argument}: for ViT {"ids_keep" (B,K) int64, "ids_restore" (B,N) int64, "mask" (B,N)
 float32 (1 = masked)}, for Swin the arrays of core.swin_plan.build_swin_plan(spec,
-swin_cell_mask(mask_rng(seed, e, b, r), ...), pad_groups_to, group_size) (one cell mask per batch
-and rank; the padding arguments are None except for compiled MindSpore training, see
-`static_plan_bounds`). The step object turns them into mindspore Tensors.
+swin_cell_mask(mask_rng(seed, e, b, r), ...)) (one cell mask per batch and rank; compiled training
+pads every plan to the shapes of core.swin_plan.static_plan_bounds). The step object turns them
+into mindspore Tensors.
 
 Two loaders produce identical batches: `PretrainLoader` (a plain Python iterator, optionally with
 a thread pool that decodes the samples of a batch in parallel) and the same source wrapped in
@@ -35,13 +35,11 @@ from localmim.backends import images
 from localmim.backends.images import (IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, PretrainDataset,
                                       PretrainTransform, ShardedBatchSampler, find_images, load_rgb,
                                       random_resized_crop_params)
-from localmim.core import masking
-from localmim.core.swin_plan import build_swin_plan
 
 __all__ = [
     "IMG_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "ColumnBatches", "find_images", "load_rgb",
     "random_resized_crop_params", "PretrainTransform", "PretrainDataset", "ShardedBatchSampler",
-    "MaskCollate", "SwinPlanCollate", "static_plan_bounds", "PretrainLoader", "build_pretrain_dataset",
+    "MaskCollate", "SwinPlanCollate", "PretrainLoader", "build_pretrain_dataset",
     "build_pretrain_loader",
 ]
 
@@ -64,54 +62,6 @@ class ColumnBatches:
 
 class MaskCollate(ColumnBatches, images.MaskCollate):
     """`localmim.backends.images.MaskCollate` (ViT masks) as numpy arrays and GeneratorDataset rows."""
-
-
-def _windows_per_side(resolution: int, window: int, shift: int) -> int:
-    """Windows per side of one window configuration (core.swin_plan.window_ids' offset grid)."""
-    offset = (window - shift) % window
-    return (resolution - 1 + offset) // window + 1
-
-
-def static_plan_bounds(spec, mask_ratio: float) -> Tuple[List[Optional[int]], List[Optional[int]]]:
-    """(pad_groups_to, group_size) per stage that make every Swin plan of `spec` at `mask_ratio`
-    the same shape, for compiled (ms.jit) training. None for stages in masking mode.
-
-    The visible token count of stage i is fixed (the ratio fixes the number of visible cells,
-    each holding (res_i / mask_grid)^2 tokens), so only the grouping of grouping-mode stages
-    (N_vis > 2 w^2) varies. group_size = w*w: no window holds more. pad_groups_to = the largest
-    number of groups any mask can need, bounded three ways (per window configuration, the
-    largest over the stage's configurations):
-    - every group holds at least one non-empty window, and the windows a visible cell of c x c
-      tokens can touch are at most ((c - 1) // w + 2)^2, so G <= visible_cells * that, and G is
-      at most the windows of the configuration;
-    - core.swin_plan.pack_windows takes, each round, a subset of the remaining windows with the
-      largest total <= w*w. Two groups chosen in that order cannot sum to <= w*w (the later one's
-      windows were available to the earlier round, whose union would have been a larger feasible
-      subset), so any two groups hold >= w*w + 1 tokens; pairing them, G <= 2 * (N_vis // (w*w + 1)) + 1.
-    """
-    m = spec.mask_grid
-    visible_cells = m * m - masking.num_masked_cells(m * m, mask_ratio)
-    if visible_cells < 1:
-        raise ValueError(f"mask.ratio {mask_ratio} leaves no visible cell of the {m}x{m} mask grid of {spec.name}")
-    pads: List[Optional[int]] = []
-    sizes: List[Optional[int]] = []
-    for i in range(spec.num_stages):
-        res, w, shift = spec.stage_resolution(i), spec.stage_window(i), spec.stage_shift(i)
-        cell = res // m
-        n_vis = visible_cells * cell * cell
-        if n_vis <= 2 * w * w:      # masking mode: one group of the whole (fixed-length) sequence
-            pads.append(None)
-            sizes.append(None)
-            continue
-        per_cell = ((cell - 1) // w + 2) ** 2
-        pair_bound = 2 * (n_vis // (w * w + 1)) + 1
-        bound = 0
-        for s in ((0, shift) if shift > 0 else (0,)):
-            windows = _windows_per_side(res, w, s) ** 2
-            bound = max(bound, min(n_vis, windows, visible_cells * per_cell, pair_bound))
-        pads.append(bound)
-        sizes.append(w * w)
-    return pads, sizes
 
 
 class SwinPlanCollate(ColumnBatches, images.SwinPlanCollate):
@@ -217,13 +167,12 @@ def build_pretrain_loader(cfg, spec, rank: int = 0, world: int = 1, dataset: Opt
     The default backend is the plain iterator (as fast as GeneratorDataset on 2 CPU cores at
     224 px, without its per-epoch start-up cost; see the module docstring). ViT specs get
     MaskCollate batches, Swin specs SwinPlanCollate batches; static_plans (Swin only) pads every
-    plan to the shapes of `static_plan_bounds` (what compiled training needs).
+    plan to the shapes of core.swin_plan.static_plan_bounds (what compiled training needs).
     """
     dataset = dataset if dataset is not None else build_pretrain_dataset(cfg, spec)
     sampler = ShardedBatchSampler(len(dataset), cfg.data.batch_size, seed=cfg.train.seed, rank=rank, world=world)
     if getattr(spec, "family", "vit") == "swin":
-        pads, sizes = static_plan_bounds(spec, cfg.mask.ratio) if static_plans else (None, None)
-        collate = SwinPlanCollate(cfg.train.seed, rank, spec, cfg.mask.ratio, pad_groups_to=pads, group_size=sizes)
+        collate = SwinPlanCollate(cfg.train.seed, rank, spec, cfg.mask.ratio, static=static_plans)
     else:
         collate = MaskCollate(cfg.train.seed, rank, spec.num_patches, cfg.mask.ratio)
     loader = PretrainLoader(dataset, sampler, collate, num_workers=int(cfg.data.num_workers), backend=backend)

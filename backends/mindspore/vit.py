@@ -29,7 +29,7 @@ from localmim.backends.mindspore.layers import (
     LN_EPS, AvgPool2x2, Block, Conv1x1, ConvTranspose2x2, GELU, LayerNorm, LayerNorm2d, Linear, PatchEmbed,
 )
 
-__all__ = ["LocalDecoder", "LocalMIMViT", "build_model", "build_pred_head", "StateError"]
+__all__ = ["LocalDecoder", "LocalMIMViT", "build_pred_head", "StateError"]
 
 
 def build_pred_head(scale: float, dim: int, out_dim: int) -> nn.SequentialCell:

@@ -9,7 +9,8 @@ the mask of micro-batch b of epoch e on rank r from `core.masking.mask_rng(seed,
 Batches are dicts {"images" (B,3,S,S) float32 ImageNet-normalised, "masks": the model's second
 argument as tensors}: for ViT {"ids_keep" (B,K) int64, "ids_restore" (B,N) int64, "mask" (B,N)
 float32 (1 = masked)}, for Swin the arrays of core.swin_plan.build_swin_plan(spec,
-swin_cell_mask(mask_rng(seed, e, b, r), ...)).to_arrays() (one cell mask per batch and rank).
+swin_cell_mask(mask_rng(seed, e, b, r), ...)).to_arrays() (one cell mask per batch and rank; compiled
+training pads every plan to the shapes of core.swin_plan.static_plan_bounds).
 """
 from __future__ import annotations
 
@@ -76,15 +77,17 @@ def build_pretrain_dataset(cfg, spec) -> PretrainDataset:
 
 
 def build_pretrain_loader(cfg, spec, rank: int = 0, world: int = 1, pin_memory: bool = False,
-                          dataset: Optional[PretrainDataset] = None):
+                          dataset: Optional[PretrainDataset] = None, static_plans: bool = False):
     """DataLoader of mask-carrying batches for one rank. Returns (loader, batch_sampler).
 
     Drive it with `batch_sampler.set_epoch(epoch, start_batch, num_batches)` then `iter(loader)`.
+    static_plans (Swin only) pads every plan to the shapes of core.swin_plan.static_plan_bounds
+    (what a compiled step with static shapes needs).
     """
     dataset = dataset if dataset is not None else build_pretrain_dataset(cfg, spec)
     sampler = ShardedBatchSampler(len(dataset), cfg.data.batch_size, seed=cfg.train.seed, rank=rank, world=world)
     if getattr(spec, "family", "vit") == "swin":
-        collate = SwinPlanCollate(cfg.train.seed, rank, spec, cfg.mask.ratio)
+        collate = SwinPlanCollate(cfg.train.seed, rank, spec, cfg.mask.ratio, static=static_plans)
     else:
         collate = MaskCollate(cfg.train.seed, rank, spec.num_patches, cfg.mask.ratio)
     workers = int(cfg.data.num_workers)

@@ -94,18 +94,18 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
-def compile_forward(net: torch.nn.Module, family: str, mode: Optional[str] = None, fullgraph: bool = True):
+def compile_forward(net: torch.nn.Module, mode: Optional[str] = None, fullgraph: bool = True):
     """torch.compile of the model's forward + loss (the backward follows through AOTAutograd).
 
     fullgraph: one graph, an error on any graph break (DDP splits the graph at its gradient
-    buckets, so a wrapped model compiles with fullgraph=False). ViT batches always have the same
-    shapes, so the graph is static (dynamic=False), which CUDA graphs ("reduce-overhead") can
-    capture; a Swin plan's group counts change with the mask, so Swin uses automatic dynamic shapes
-    (one recompile makes them symbolic). mode: None or "default", "reduce-overhead",
+    buckets, so a wrapped model compiles with fullgraph=False). The graph is static
+    (dynamic=False), which CUDA graphs ("reduce-overhead") can capture: ViT batches always have the
+    same shapes, and a compiled Swin step is fed plans padded to core.swin_plan.static_plan_bounds
+    (`build_loader` with train.compile). mode: None or "default", "reduce-overhead",
     "max-autotune", "max-autotune-no-cudagraphs" (train.compile_mode).
     """
     mode = None if mode in (None, "default") else mode
-    return torch.compile(net, fullgraph=fullgraph, mode=mode, dynamic=False if family == "vit" else None)
+    return torch.compile(net, fullgraph=fullgraph, mode=mode, dynamic=False)
 
 
 def build_train_step(cfg, model: torch.nn.Module, device: torch.device, world: int = 1) -> "TrainStep":
@@ -121,11 +121,14 @@ def build_train_step(cfg, model: torch.nn.Module, device: torch.device, world: i
 
 def build_loader(cfg, spec, device: torch.device, rank: int = 0, world: int = 1):
     """(loader, batch_sampler) of `data.decode`: cpu decodes and crops in the loader workers (PIL,
-    data.py); gpu decodes the JPEGs on `device` with nvJPEG and crops there (gpu_data.py)."""
+    data.py); gpu decodes the JPEGs on `device` with nvJPEG and crops there (gpu_data.py). With
+    train.compile, Swin plans are padded to static shapes (one graph for every mask)."""
+    static = bool(cfg.train.compile)
     if getattr(cfg.data, "decode", "cpu") == "gpu":
         from localmim.backends.torch import gpu_data
-        return gpu_data.build_gpu_decode_loader(cfg, spec, device, rank=rank, world=world)
-    return data_mod.build_pretrain_loader(cfg, spec, rank=rank, world=world, pin_memory=device.type == "cuda")
+        return gpu_data.build_gpu_decode_loader(cfg, spec, device, rank=rank, world=world, static_plans=static)
+    return data_mod.build_pretrain_loader(cfg, spec, rank=rank, world=world, pin_memory=device.type == "cuda",
+                                          static_plans=static)
 
 
 # ---------------------------------------------------------------------------------------- step
@@ -152,8 +155,7 @@ class TrainStep:
         if world > 1:
             self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                find_unused_parameters=self.has_unused_parameters(model))
-        family = getattr(getattr(model, "spec", None), "family", "vit")
-        self.forward = compile_forward(self.net, family, compile_mode, fullgraph=world == 1) if compile else self.net
+        self.forward = compile_forward(self.net, compile_mode, fullgraph=world == 1) if compile else self.net
         self._row: Optional[torch.Tensor] = None
         model.train()
         optimizer.zero_grad(set_to_none=True)

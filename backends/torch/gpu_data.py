@@ -321,9 +321,11 @@ def check_device(device: torch.device) -> None:
 
 
 def build_gpu_decode_loader(cfg, spec, device: torch.device, rank: int = 0, world: int = 1,
-                            dataset: Optional[EncodedDataset] = None, require_cuda: bool = True):
-    """(GpuDecodeLoader, batch_sampler) for one rank: the CPU loader's sampler, seeds and masks,
-    images decoded on `device`. require_cuda=False lets tests run the same code on the CPU."""
+                            dataset: Optional[EncodedDataset] = None, require_cuda: bool = True,
+                            static_plans: bool = False):
+    """(GpuDecodeLoader, batch_sampler) for one rank: the CPU loader's sampler, seeds and masks
+    (static_plans as in data.build_pretrain_loader), images decoded on `device`. require_cuda=False
+    lets tests run the same code on the CPU."""
     if require_cuda:
         check_device(device)
     dataset = dataset if dataset is not None else images.build_pretrain_dataset(
@@ -331,7 +333,7 @@ def build_gpu_decode_loader(cfg, spec, device: torch.device, rank: int = 0, worl
     sampler = data_mod.ShardedBatchSampler(len(dataset), cfg.data.batch_size, seed=cfg.train.seed, rank=rank,
                                            world=world)
     if getattr(spec, "family", "vit") == "swin":
-        collate = EncodedSwinPlanCollate(cfg.train.seed, rank, spec, cfg.mask.ratio)
+        collate = EncodedSwinPlanCollate(cfg.train.seed, rank, spec, cfg.mask.ratio, static=static_plans)
     else:
         collate = EncodedMaskCollate(cfg.train.seed, rank, spec.num_patches, cfg.mask.ratio)
     workers = int(cfg.data.num_workers)

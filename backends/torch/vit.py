@@ -22,7 +22,7 @@ from localmim.backends.torch.model import LocalMIMModel, init_linear_and_norm
 from localmim.core.pos_embed import sincos_2d
 from localmim.core.specs import ViTSpec
 
-__all__ = ["LocalMIMViT", "LocalDecoder", "build_model", "build_pred_head"]
+__all__ = ["LocalMIMViT", "LocalDecoder", "build_pred_head"]
 
 
 def _frozen_table(dim: int, grid: int) -> nn.Parameter:

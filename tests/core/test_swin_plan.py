@@ -4,12 +4,14 @@ The window relation is re-derived the standard Swin way (cyclic shift of the ful
 region labels of the shifted attention mask), coordinates from a (row, col) label image, and
 grouped attention is compared with dense masked attention over all visible tokens.
 """
+import itertools
+
 import numpy as np
 import pytest
 
 from localmim.core.specs import get_spec
 from localmim.core.swin_plan import (
-    MASK_VALUE, SwinPlan, SwinPlanError, build_swin_plan, pack_windows)
+    MASK_VALUE, SwinPlan, SwinPlanError, build_swin_plan, pack_windows, static_plan_bounds)
 
 SPECS = ("swin_tiny_test", "swin_demo", "swin_base_patch4_win7", "swin_base_patch4_win14")
 
@@ -335,3 +337,48 @@ def test_merge_rejects_a_split_2x2_group():
     coords = np.array([[0, 0], [0, 1], [1, 0], [2, 2]], dtype=np.int64)   # (1, 1) missing
     with pytest.raises(SwinPlanError, match=r"stage 0: visible 2x2 groups are incomplete .*\[\[0, 0\]\]"):
         _merge_index(coords, 4, np.array([[0, 0]], dtype=np.int64), 0)
+
+
+def test_static_plan_bounds_hold_for_every_mask():
+    """Hand-derived bounds of swin_tiny_test at ratio 0.75 (3 visible cells of 16), checked
+    against all C(16, 3) = 560 cell masks: every plan builds and has the same shapes."""
+    spec = get_spec("swin_tiny_test")
+    pads, sizes = static_plan_bounds(spec, 0.75)
+    # stage 0: 32x32 tokens, window 4, 8x8 tokens per cell, N_vis = 192 > 2*16: grouping;
+    #   min(192, windows 81, 3 cells * 9 windows = 27, pairs 2 * (192 // 17) + 1 = 23) = 23
+    # stage 1: 16x16, cells of 4x4, N_vis = 48: min(48, 81, 3 * 4 = 12, 2 * (48 // 17) + 1 = 5) = 5
+    # stages 2, 3: N_vis 12 and 3 <= 32: masking mode, one group, nothing to pad
+    assert pads == [23, 5, None, None] and sizes == [16, 16, None, None]
+    shapes, most = None, [0, 0]
+    for visible in itertools.combinations(range(16), 3):
+        cell = np.ones(16, bool)
+        cell[list(visible)] = False
+        plan = build_swin_plan(spec, cell, pad_groups_to=pads, group_size=sizes)
+        arrays = plan.to_arrays()
+        these = {k: v.shape for k, v in arrays.items()}
+        assert shapes is None or these == shapes
+        shapes = these
+        for i in (0, 1):
+            most[i] = max(most[i], max(w.num_real_groups for w in plan.stages[i].windows))
+    # the bounds are safe, not tight: over all 560 masks the most groups needed are 12 and 3
+    assert most[0] <= 23 and most[1] <= 5
+    with pytest.raises(ValueError, match="mask.ratio 0.95 leaves no visible cell"):
+        static_plan_bounds(spec, 0.95)
+
+
+@pytest.mark.parametrize("name", ["swin_base_patch4_win7", "swin_base_patch4_win14", "swin_demo"])
+def test_static_plan_bounds_hold_for_random_masks_of_the_recipes(name):
+    """Every plan of 40 random masks builds within the bounds, with one set of shapes."""
+    spec = get_spec(name)
+    pads, sizes = static_plan_bounds(spec, 0.75)
+    if name == "swin_base_patch4_win7":
+        # 12 visible cells of 49 (37 masked). stage 0: 56x56 tokens, 8x8 per cell, N_vis = 768, w 7:
+        #   min(768, windows 64 | 81 shifted, 12 * 9 = 108, pairs 2 * (768 // 50) + 1 = 31) = 31;
+        # stage 1: 28x28, 4x4 per cell, N_vis = 192: min(192, 16 | 25, 12 * 4, 2 * (192 // 50) + 1 = 7) = 7;
+        # stages 2, 3: N_vis 48 and 12 <= 98: masking mode
+        assert pads == [31, 7, None, None] and sizes == [49, 49, None, None]
+    shapes = set()
+    for seed in range(40):
+        plan = build_swin_plan(spec, random_cell_mask(spec, seed), pad_groups_to=pads, group_size=sizes)
+        shapes.add(tuple(sorted((k, v.shape) for k, v in plan.to_arrays().items())))
+    assert len(shapes) == 1

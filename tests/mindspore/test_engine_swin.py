@@ -1,6 +1,6 @@
-"""MindSpore Swin pretraining: loader plans (equal to core and to the torch loader), static plan
-bounds for compiled training, the CLI run + exact resume, reconstruct, and `localmim visualize`.
-swin_tiny_test (64 px, 4x4 mask grid) on 12 generated PNGs, batch 2 (6 optimizer steps per epoch)."""
+"""MindSpore Swin pretraining: loader plans (equal to core and to the torch loader), the CLI run +
+exact resume, reconstruct, and `localmim visualize`. swin_tiny_test (64 px, 4x4 mask grid) on 12
+generated PNGs, batch 2 (6 optimizer steps per epoch)."""
 import itertools
 import json
 import os
@@ -21,8 +21,7 @@ from localmim.backends.runs import LOG_KEYS  # noqa: E402
 from localmim.core import config as core_config  # noqa: E402
 from localmim.core import masking  # noqa: E402
 from localmim.core import targets as core_targets  # noqa: E402
-from localmim.core.specs import get_spec  # noqa: E402
-from localmim.core.swin_plan import build_swin_plan  # noqa: E402
+from localmim.core.swin_plan import build_swin_plan, static_plan_bounds  # noqa: E402
 
 SEED = 3
 
@@ -100,33 +99,6 @@ def test_loader_batches_equal_the_torch_loader(data_path):
         for k, v in b["masks"].items():
             np.testing.assert_array_equal(a["masks"][k], v.numpy(), err_msg=k)
     assert isinstance(b["masks"]["patch_index"], torch.Tensor)
-
-
-def test_static_plan_bounds_hold_for_every_mask():
-    """Hand-derived bounds of swin_tiny_test at ratio 0.75 (3 visible cells of 16), checked
-    against all C(16, 3) = 560 cell masks: every plan builds and has the same shapes."""
-    spec = get_spec("swin_tiny_test")
-    pads, sizes = data_mod.static_plan_bounds(spec, 0.75)
-    # stage 0: 32x32 tokens, window 4, 8x8 tokens per cell, N_vis = 192 > 2*16: grouping;
-    #   min(192, windows 81, 3 cells * 9 windows = 27, pairs 2 * (192 // 17) + 1 = 23) = 23
-    # stage 1: 16x16, cells of 4x4, N_vis = 48: min(48, 81, 3 * 4 = 12, 2 * (48 // 17) + 1 = 5) = 5
-    # stages 2, 3: N_vis 12 and 3 <= 32: masking mode, one group, nothing to pad
-    assert pads == [23, 5, None, None] and sizes == [16, 16, None, None]
-    shapes, most = None, [0, 0]
-    for visible in itertools.combinations(range(16), 3):
-        cell = np.ones(16, bool)
-        cell[list(visible)] = False
-        plan = build_swin_plan(spec, cell, pad_groups_to=pads, group_size=sizes)
-        arrays = plan.to_arrays()
-        these = {k: v.shape for k, v in arrays.items()}
-        assert shapes is None or these == shapes
-        shapes = these
-        for i in (0, 1):
-            most[i] = max(most[i], max(w.num_real_groups for w in plan.stages[i].windows))
-    # the bounds are safe, not tight: over all 560 masks the most groups needed are 12 and 3
-    assert most[0] <= 23 and most[1] <= 5
-    with pytest.raises(ValueError, match="mask.ratio 0.95 leaves no visible cell"):
-        data_mod.static_plan_bounds(spec, 0.95)
 
 
 # ---------------------------------------------------------------------------------------- engine
@@ -249,7 +221,7 @@ def test_compiled_step_equals_pynative_with_static_plans(data_path):
     loader, sampler = data_mod.build_pretrain_loader(cfg, spec, static_plans=True)
     sampler.set_epoch(0, 0, 2)
     batches = list(loader)
-    pads, sizes = data_mod.static_plan_bounds(spec, cfg.mask.ratio)
+    pads, sizes = static_plan_bounds(spec, cfg.mask.ratio)
     assert batches[0]["masks"]["stage0.win1.group_index"].shape == (pads[0], sizes[0])
     for batch in batches:
         assert batch["masks"]["stage1.win0.group_index"].shape == (pads[1], sizes[1])

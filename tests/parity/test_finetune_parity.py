@@ -2,7 +2,6 @@
 soft targets, drop path off, give the same logits and loss (1e-5), gradients (1e-4) and parameters
 after 5 AdamW steps with layer-wise lr decay (1e-4) in both backends, each through its own step
 object, for the ViT and the Swin classifier."""
-import numpy as np
 import pytest
 
 pytest.importorskip("mindspore")

@@ -90,6 +90,9 @@ def test_cpu_only_options_are_one_sentence_and_exit_2(capsys, image_folder):
                  "--device", "cpu", "--batch", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data.decode: gpu" in err[0]
+    assert main(["bench", "--model", "vit_tiny_test", "--check-sync", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--check-sync" in err[0] and "CUDA" in err[0]
 
 
 def test_profile_writes_a_trace_and_a_summary(tmp_path, capsys):
@@ -136,3 +139,31 @@ def test_max_batch_search_finds_the_largest_fitting_multiple(limit):
     found = bench.largest_fitting(lambda b: tried.append(b) or b <= limit, start=64, multiple=8)
     assert found == limit // 8 * 8
     assert len(tried) <= 20 and all(b % 8 == 0 for b in tried)
+
+
+def test_static_plans_give_the_natural_plans_first_loss(capsys):
+    """--static-plans (what a compiled Swin step is fed) only adds fully masked slots: the same loss."""
+    losses = {}
+    for extra in ([], ["--static-plans"]):
+        assert bench.main(["--model", "swin_tiny_test", "--batch", "2", "--steps", "1", "--warmup", "1",
+                           "--precision", "fp32", "--device", "cpu", *extra]) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        losses[result["static_plans"]] = result["first_loss"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+
+
+def test_host_sync_check_reports_where_the_step_synchronised(monkeypatch):
+    """The check runs the steps in sync-debug "error" mode, restores the default and names the
+    first synchronising call (here a stand-in for CUDA's error)."""
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(bench, "_sync", lambda dev: None)
+
+    def step():
+        raise RuntimeError("called a synchronizing CUDA operation\nmore")
+
+    got = bench.host_sync_check(step, torch.device("cuda"))
+    assert modes == ["error", "default"]
+    line = step.__code__.co_firstlineno + 1
+    assert got == {"host_sync": f"tests/tools/test_bench.py:{line} (step): called a synchronizing CUDA operation"}
+    assert bench.host_sync_check(lambda: None, torch.device("cuda")) == {"host_sync": "none"}

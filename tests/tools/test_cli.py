@@ -15,7 +15,6 @@ from localmim.backends import runs
 from localmim.core import masking
 from localmim.core import targets as core_targets
 from localmim.core.config import config_to_dict, load_config
-from localmim.core.specs import get_spec
 from localmim.tools import cli
 
 LISTED = ("pretrain", "finetune", "convert", "visualize", "plot", "bench", "demo")

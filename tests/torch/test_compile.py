@@ -15,6 +15,7 @@ backward, cached in the inductor cache afterwards), so the full inductor step ru
 recipe's model (ViT, HOG) and the other targets compile with fullgraph=True through AOTAutograd
 (`aot_eager`: the same captured forward and backward graphs, run without code generation).
 """
+import numpy as np
 import pytest
 import torch
 
@@ -26,9 +27,9 @@ from localmim.tools import bench
 LR = 1e-3
 
 
-def _batches(spec, batch=2, count=2):
+def _batches(spec, batch=2, count=2, static=False):
     return [{"images": torch.from_numpy(b["images"]), "masks": {k: torch.from_numpy(v) for k, v in b["masks"].items()}}
-            for b in bench.synthetic_batches(spec, batch, 0.75, count)]
+            for b in bench.synthetic_batches(spec, batch, 0.75, count, static=static)]
 
 
 def _rel(a, b):
@@ -56,11 +57,11 @@ def _assert_params_close(got, ref, steps=2):
             assert _rel(got[k], b) <= 1e-4, (k, _rel(got[k], b))
 
 
-def _run(stepper, model, spec):
+def _run(stepper, model, spec, static=False):
     """Two AdamW steps -> (loss rows (2, 5), gradients of step 1, state after step 2)."""
     stepper.set_lr(LR)
     rows, grads = [], None
-    for batch in _batches(spec, count=2):
+    for batch in _batches(spec, count=2, static=static):
         stepper.micro(batch)
         if grads is None:
             grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
@@ -105,19 +106,48 @@ def test_compiled_train_step_equals_the_eager_step():
     ("swin_tiny_test", {}),
 ])
 def test_forward_and_backward_compile_as_one_graph(name, overrides):
+    """One static graph serves both batches (a recompile is an error): ViT masks always have one
+    shape, and a compiled Swin step gets plans padded to static_plan_bounds, whose numbers are the
+    eager step's on the natural plans."""
     spec = get_spec(name, **overrides)
     torch._dynamo.reset()
     model, stepper = _eager_step(spec)
-    stepper.forward = torch.compile(stepper.net, fullgraph=True, backend="aot_eager",
-                                    dynamic=False if spec.family == "vit" else None)
-    got = _run(stepper, model, spec)
+    stepper.forward = torch.compile(stepper.net, fullgraph=True, backend="aot_eager", dynamic=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = _run(stepper, model, spec, static=True)
     ref = _run(*reversed(_eager_step(spec)), spec)
     _assert_same_training(got, ref)
 
 
+def test_compiled_swin_steps_get_static_plans(tmp_path):
+    """engine.build_loader with train.compile pads every Swin plan to static_plan_bounds, so two
+    batches with different masks have the same shapes; eager training keeps the natural ones."""
+    from PIL import Image
+    from localmim.core.config import config_from_dict
+    from localmim.core.swin_plan import static_plan_bounds
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (70, 70, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    cfg = config_from_dict({"model": {"name": "swin_tiny_test"}, "train": {"seed": 2},  # masks of 2 shapes
+                            "data": {"path": str(tmp_path), "batch_size": 2, "num_workers": 0}})
+    spec = cfg.build_spec()
+    pads, sizes = static_plan_bounds(spec, cfg.mask.ratio)
+
+    def group_shapes(compile):
+        cfg.train.compile = compile
+        loader, sampler = engine.build_loader(cfg, spec, torch.device("cpu"))
+        sampler.set_epoch(0)
+        return [tuple(b["masks"][f"stage{i}.win1.group_index"].shape for i in (0, 1)) for b in loader]
+
+    assert group_shapes(True) == [((pads[0], sizes[0]), (pads[1], sizes[1]))] * 4
+    natural = group_shapes(False)
+    assert len(set(natural)) > 1 and all(s[0][0] < pads[0] for s in natural)
+
+
 def test_train_step_passes_the_compile_options(monkeypatch):
-    """train.compile_mode reaches torch.compile; ViT static, Swin automatic-dynamic shapes;
-    fullgraph in one process, not under DDP (which splits the graph at its buckets)."""
+    """train.compile_mode reaches torch.compile; static shapes for both families; fullgraph in one
+    process, not under DDP (which splits the graph at its buckets)."""
     seen = []
     monkeypatch.setattr(engine.torch, "compile", lambda net, **kw: seen.append(kw) or net)
     cfg = PretrainConfig()
@@ -126,9 +156,9 @@ def test_train_step_passes_the_compile_options(monkeypatch):
     cfg.train.compile_mode = "default"
     engine.build_train_step(cfg, build_model(get_spec("swin_tiny_test")), torch.device("cpu"))
     assert seen == [{"fullgraph": True, "mode": "reduce-overhead", "dynamic": False},
-                    {"fullgraph": True, "mode": None, "dynamic": None}]
+                    {"fullgraph": True, "mode": None, "dynamic": False}]
     net = torch.nn.Linear(2, 2)
-    engine.compile_forward(net, "vit", "max-autotune", fullgraph=False)
+    engine.compile_forward(net, "max-autotune", fullgraph=False)
     assert seen[-1] == {"fullgraph": False, "mode": "max-autotune", "dynamic": False}
 
 
