@@ -6,12 +6,15 @@ Modes (one JSON line per configuration on stdout, and appended to `--output FILE
   decoders + targets + loss + backward + AdamW with the core's parameter groups, fused on CUDA;
   autocast / GradScaler / torch.compile and its mode as training uses them) on synthetic images
   whose masks come from the loader's collate, prepared outside the timed region like a prefetching
-  data loader does. MFU (ViT on CUDA): 3x the forward matmul FLOPs over the step time, against the
-  GPU's dense bf16 peak.
+  data loader does. MFU (on CUDA): the step's FLOPs as `--flops` counts them over the step time,
+  against the GPU's dense bf16 peak.
+- `--flops`: the FLOPs of one image's forward by part (encoder, each decoder, targets and loss)
+  and of its forward + backward, counted by torch's FlopCounterMode on fake tensors (no compute).
 - `--data DIR`: the loader alone (`data.decode` cpu or gpu), img/s per worker count, no model.
 - `--data DIR --end-to-end`: loader + step, as training runs them, with the share of the time the
   step waited for data.
 - `--find-max-batch GIB[,GIB]`: the largest batch whose step fits GIB of CUDA memory (bisection).
+- `--check-sync` (CUDA): two more steps that fail at the first host synchronisation, and where.
 - `--profile DIR`: a torch.profiler trace and a summary table of where a few steps spend their time.
 - `--suite FILE`: every measurement of docs/performance.md, each in its own process with a time
   limit (one failing configuration does not stop the rest); `--tiny` runs the same suite on tiny
@@ -30,11 +33,10 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 
 from localmim.backends import images
-from localmim.core import masking
 from localmim.core.config import COMPILE_MODES, PretrainConfig
-from localmim.core.specs import TargetSpec, ViTSpec, get_spec
+from localmim.core.specs import TargetSpec, get_spec
 
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) used for MFU; fp32 uses TF32 peaks.
+# Dense bf16/fp16 tensor-core peaks (FLOP/s): MFU is reported against these at every precision.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 GIB = 2 ** 30
 
@@ -44,39 +46,59 @@ class BenchError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------- FLOPs
-def _linear_flops(tokens: int, fan_in: int, fan_out: int) -> float:
-    return 2.0 * tokens * fan_in * fan_out
+def _flop_parts(model) -> Dict[str, List[str]]:
+    """Part name -> the module paths whose FLOPs it sums: each decoder and each Swin encoder stage
+    on its own, every other child of the model whole (a ModuleList as the sum of its items)."""
+    import torch
 
+    def whole(path, module):
+        if isinstance(module, torch.nn.ModuleList):
+            return [f"{path}.{i}" for i in range(len(module))]
+        return [path]
 
-def _block_flops(batch: int, tokens: int, dim: int, mlp_ratio: float) -> float:
-    """Forward FLOPs of one pre-norm transformer block on (batch, tokens, dim)."""
-    n = batch * tokens
-    hidden = int(dim * mlp_ratio)
-    proj = _linear_flops(n, dim, 3 * dim) + _linear_flops(n, dim, dim)
-    mlp = _linear_flops(n, dim, hidden) + _linear_flops(n, hidden, dim)
-    attn = 2 * 2.0 * batch * tokens * tokens * dim  # q k^T and attn v
-    return proj + mlp + attn
-
-
-def vit_train_flops(spec: ViTSpec, batch: int, mask_ratio: float) -> float:
-    """Model FLOPs of one training step (3x forward: forward + backward), matmuls only."""
-    keep = masking.num_keep(spec.num_patches, mask_ratio)
-    p = spec.patch_size
-    fwd = _linear_flops(batch * spec.num_patches, 3 * p * p, spec.embed_dim)
-    fwd += spec.depth * _block_flops(batch, 1 + keep, spec.embed_dim, spec.mlp_ratio)
-    for branch, out_dim in zip(spec.branches(), spec.out_dims()):
-        d, tokens = branch.decoder_dim, 1 + spec.num_patches
-        fwd += _linear_flops(batch * (1 + keep), spec.embed_dim, d)
-        fwd += branch.decoder_depth * _block_flops(batch, tokens, d, spec.mlp_ratio)
-        g = spec.grid
-        if branch.scale == 4.0:   # ConvT d->d/2 (k2s2), ConvT d/2->d/4, 1x1 d/4->out
-            fwd += _linear_flops(batch * g * g, d, 2 * d) + _linear_flops(batch * 4 * g * g, d // 2, d)
-            fwd += _linear_flops(batch * 16 * g * g, d // 4, out_dim)
-        elif branch.scale == 2.0:
-            fwd += _linear_flops(batch * g * g, d, 2 * d) + _linear_flops(batch * 4 * g * g, d // 2, out_dim)
+    parts = {}
+    for name, child in model.named_children():
+        if name == "decoder":
+            parts.update({f"decoder.{i}": [f"decoder.{i}"] for i in range(len(child))})
+        elif name == "encoder":
+            for sub, grand in child.named_children():
+                path = f"encoder.{sub}"
+                if sub == "layers":
+                    parts.update({f"{path}.{i}": [f"{path}.{i}"] for i in range(len(grand))})
+                else:
+                    parts[path] = whole(path, grand)
         else:
-            fwd += _linear_flops(batch * branch.grid ** 2, d, out_dim)
-    return 3.0 * fwd
+            parts[name] = whole(name, child)
+    return parts
+
+
+def counted_flops(spec, mask_ratio: float) -> Dict:
+    """FLOPs of one image's training step as torch's FlopCounterMode counts them: a freshly built
+    model run forward and backward on fake tensors (shapes only, nothing computed), with the masks
+    (ViT) or natural plan (Swin) of micro-batch 0. Every op is per image, so a batch costs B times
+    this. -> {"forward_gflop_per_image", "train_gflop_per_image" (forward + backward),
+    "forward_gflop_by_part": {part: GFLOP} of the parts with FLOPs, "rest" for what runs outside
+    them (the targets and the loss)}."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    from localmim.backends.torch import build_model
+
+    model = build_model(spec)
+    masks = {k: torch.from_numpy(v) for k, v in mask_collate(spec, mask_ratio).mask_arrays(0, 0, 1).items()}
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        images = torch.empty(1, 3, spec.img_size, spec.img_size)
+        with FlopCounterMode(display=False) as forward:
+            loss, _ = model(images, masks)
+        with FlopCounterMode(display=False) as backward:
+            loss.backward()
+    counts, root = forward.get_flop_counts(), type(model).__name__
+    parts = {name: sum(sum(counts.get(f"{root}.{p}", {}).values()) for p in paths) / 1e9
+             for name, paths in _flop_parts(model).items()}
+    total = forward.get_total_flops() / 1e9
+    parts["rest"] = total - sum(parts.values())
+    return {"forward_gflop_per_image": total, "train_gflop_per_image": total + backward.get_total_flops() / 1e9,
+            "forward_gflop_by_part": {k: round(v, 4) for k, v in parts.items() if round(v, 4)}}
 
 
 def _peak_flops(device_name: str):
@@ -221,8 +243,12 @@ def bench_torch(spec, cfg, device: str, steps: int, warmup: int, end_to_end: boo
         name = torch.cuda.get_device_name(dev)
         result["device_name"] = name
         peak = _peak_flops(name)
-        if peak and spec.family == "vit":
-            result["mfu"] = vit_train_flops(spec, batch, cfg.mask.ratio) / (elapsed / steps) / peak
+        if peak:
+            try:  # a failing count must not cost the GPU measurement it belongs to
+                flops = counted_flops(spec, cfg.mask.ratio)["train_gflop_per_image"] * 1e9 * batch
+                result["mfu"] = flops / (elapsed / steps) / peak
+            except Exception as err:  # noqa: BLE001 - recorded in the JSON line
+                result["mfu_error"] = f"{type(err).__name__}: {err}"
     if check_sync:
         result.update(host_sync_check(step, dev))
     if profile_dir:
@@ -552,6 +578,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="after timing, profile a few steps: DIR/<label>-trace.json and -summary.txt")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--flops", action="store_true",
+                        help="print the FLOPs of one image's step by part (torch's counter on fake tensors) and exit")
     parser.add_argument("--check-sync", action="store_true",
                         help="after the timed steps, 2 steps that fail at any host sync (CUDA only); prints where")
     parser.add_argument("--label", default=None, help="a name for this configuration in the JSON line and files")
@@ -600,7 +628,9 @@ def run(args) -> int:
     if args.data and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data {args.data} does not exist or is not a folder")
     results = []
-    if args.find_max_batch:
+    if args.flops:
+        results.append({"mode": "flops", **counted_flops(spec, args.mask_ratio)})
+    elif args.find_max_batch:
         for gib in (float(g) for g in args.find_max_batch.split(",")):
             results.append(find_max_batch(spec, cfg, device, gib))
     elif args.data and args.compare_cpu:

@@ -29,17 +29,64 @@ def test_bench_prints_one_json_line_with_throughput(capsys, monkeypatch, model):
     assert len(applied) == 3  # warmup + timed steps all went through the engine's TrainStep
 
 
-def test_vit_flops_match_torch_flop_counter():
-    spec, batch = get_spec("vit_demo"), 2
-    model = build_model(spec)
-    m = masking.vit_mask(masking.mask_rng(0, 0, 0, 0), batch, spec.num_patches, 0.75)
-    images = torch.randn(batch, 3, spec.img_size, spec.img_size)
-    with FlopCounterMode(display=False) as counter:
-        loss, _ = model(images, {k: torch.from_numpy(v) for k, v in m.as_dict().items()})
-        loss.backward()
-    ratio = bench.vit_train_flops(spec, batch, 0.75) / counter.get_total_flops()
+def _linear_flops(tokens, fan_in, fan_out):
+    return 2.0 * tokens * fan_in * fan_out
+
+
+def _block_flops(tokens, dim, mlp_ratio):
+    """Forward FLOPs of one pre-norm transformer block on one image's (tokens, dim)."""
+    hidden = int(dim * mlp_ratio)
+    return (_linear_flops(tokens, dim, 4 * dim) + _linear_flops(tokens, dim, hidden) + _linear_flops(tokens, hidden, dim)
+            + 2 * 2.0 * tokens * tokens * dim)  # qkv + proj, the MLP, q k^T and attn v
+
+
+def analytic_vit_train_flops(spec, mask_ratio):
+    """One image's training FLOPs derived by hand: 3x the forward's matmuls (the paper's
+    convention), the decoders' heads as docs/method.md#vit-decoders builds them."""
+    keep, g, p = masking.num_keep(spec.num_patches, mask_ratio), spec.grid, spec.patch_size
+    fwd = _linear_flops(spec.num_patches, 3 * p * p, spec.embed_dim)
+    fwd += spec.depth * _block_flops(1 + keep, spec.embed_dim, spec.mlp_ratio)
+    for branch, out_dim in zip(spec.branches(), spec.out_dims()):
+        d = branch.decoder_dim
+        fwd += _linear_flops(1 + keep, spec.embed_dim, d) + branch.decoder_depth * _block_flops(1 + spec.num_patches, d,
+                                                                                              spec.mlp_ratio)
+        if branch.scale == 4.0:   # ConvT d->d/2 (k2s2), ConvT d/2->d/4, 1x1 d/4->out
+            fwd += _linear_flops(g * g, d, 2 * d) + _linear_flops(4 * g * g, d // 2, d)
+            fwd += _linear_flops(16 * g * g, d // 4, out_dim)
+        elif branch.scale == 2.0:
+            fwd += _linear_flops(g * g, d, 2 * d) + _linear_flops(4 * g * g, d // 2, out_dim)
+        else:
+            fwd += _linear_flops(branch.grid ** 2, d, out_dim)
+    return 3.0 * fwd
+
+
+def test_counted_vit_flops_match_the_hand_derived_count():
+    spec = get_spec("vit_demo")
+    counted = bench.counted_flops(spec, 0.75)
+    ratio = analytic_vit_train_flops(spec, 0.75) / (counted["train_gflop_per_image"] * 1e9)
     # 3x forward slightly over-counts: the patch embedding needs no input gradient.
     assert 1.0 <= ratio <= 1.08, ratio
+    parts = counted["forward_gflop_by_part"]
+    assert parts["patch_embed"] == round(_linear_flops(spec.num_patches, 3 * spec.patch_size ** 2,
+                                                       spec.embed_dim) / 1e9, 4)
+    assert set(parts) == {"patch_embed", "blocks", "decoder.0", "decoder.1", "decoder.2", "decoder.3"}
+    assert sum(parts.values()) == pytest.approx(counted["forward_gflop_per_image"], abs=1e-3)
+
+
+@pytest.mark.parametrize("name", ["vit_demo", "swin_tiny_test"])
+def test_counted_flops_on_fake_tensors_are_a_real_step_per_image(name):
+    """The fake-tensor count (no compute) equals torch's counter on a real forward + backward of
+    a batch of 2, per image."""
+    spec = get_spec(name)
+    counted = bench.counted_flops(spec, 0.75)
+    model = build_model(spec)
+    masks = {k: torch.from_numpy(v) for k, v in bench.mask_collate(spec, 0.75).mask_arrays(0, 0, 2).items()}
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = model(torch.randn(2, 3, spec.img_size, spec.img_size), masks)
+        loss.backward()
+    assert counted["train_gflop_per_image"] * 1e9 == pytest.approx(counter.get_total_flops() / 2, rel=1e-9)
+    if spec.family == "swin":
+        assert {f"encoder.layers.{i}" for i in range(4)} <= set(counted["forward_gflop_by_part"])
 
 
 def _args(argv):
