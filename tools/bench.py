@@ -281,12 +281,12 @@ def _innermost_frame(err: BaseException) -> str:
     """Where `err` was raised: "file:line (function)" of the deepest traceback frame in this
     package, then " -> " the deepest frame of all when that one is elsewhere (torch, say)."""
     import traceback
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # realpath: a linked checkout too
     frames = traceback.extract_tb(err.__traceback__)
-    ours = [f for f in frames if os.path.abspath(f.filename).startswith(root + os.sep)]
+    ours = [f for f in frames if os.path.realpath(f.filename).startswith(root + os.sep)]
 
     def where(f):
-        path = os.path.abspath(f.filename)
+        path = os.path.realpath(f.filename)
         path = os.path.relpath(path, root) if path.startswith(root + os.sep) else path.split("site-packages" + os.sep)[-1]
         return f"{path}:{f.lineno} ({f.name})"
 
