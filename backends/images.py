@@ -307,9 +307,8 @@ class SwinPlanCollate(BatchCollate):
 
     def __init__(self, seed: int, rank: int, spec, mask_ratio: float, static: bool = False):
         super().__init__(seed, rank)
-        self.spec, self.mask_ratio, self.static = spec, float(mask_ratio), bool(static)
-        self.pad_groups_to, self.group_size = (static_plan_bounds(spec, self.mask_ratio) if self.static
-                                               else (None, None))
+        self.spec, self.mask_ratio = spec, float(mask_ratio)
+        self.pad_groups_to, self.group_size = static_plan_bounds(spec, self.mask_ratio) if static else (None, None)
         # the plan's keys depend on the spec only; build one plan to list them
         probe = masking.swin_cell_mask(np.random.default_rng(0), spec.mask_grid, self.mask_ratio)
         self.mask_keys = tuple(sorted(build_swin_plan(spec, probe).to_arrays()))

@@ -25,7 +25,7 @@ stage's width.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from localmim.core import keymaps
 from localmim.core.specs import SwinSpec, ViTSpec
 from localmim.core.state import StateError, check_state, swin_encoder_shapes, vit_encoder_shapes
 
-__all__ = ["GLOBAL_POOLS", "HEAD_INIT_STD", "check_pool", "drop_path_rates", "vit_classifier_shapes",
+__all__ = ["GLOBAL_POOLS", "HEAD_INIT_STD", "check_pool", "drop_path_rates", "stage_drop_path_rates", "vit_classifier_shapes",
            "vit_classifier_state", "swin_classifier_shapes", "swin_classifier_state", "classifier_shapes",
            "classifier_state", "timm_classifier_state", "timm_classifier_kwargs"]
 
@@ -44,6 +44,14 @@ HEAD_INIT_STD = 2e-5  # trunc_normal std of the head weight (docs/method.md#fine
 def drop_path_rates(drop_path: float, depth: int) -> list:
     """Stochastic-depth probability of each block: linear from 0 to drop_path (timm's rule)."""
     return [float(x) for x in np.linspace(0.0, float(drop_path), int(depth))]
+
+
+def stage_drop_path_rates(drop_path: float, depths) -> List[List[float]]:
+    """`drop_path_rates` over all the blocks of a staged encoder (Swin), split into one list per
+    stage of `depths` blocks: the rate rises across stages, not within each."""
+    rates = drop_path_rates(drop_path, sum(depths))
+    starts = np.cumsum((0,) + tuple(depths))
+    return [rates[starts[i]:starts[i + 1]] for i in range(len(depths))]
 
 
 def check_pool(family: str, global_pool: str) -> str:
@@ -59,14 +67,18 @@ def _head_norm(global_pool: str) -> str:
     return "fc_norm" if global_pool == "avg" else "norm"
 
 
+def _head_shapes(global_pool: str, width: int, num_classes: int) -> Dict[str, Tuple[int, ...]]:
+    """The head norm of `global_pool` and the head Linear width -> num_classes."""
+    norm = _head_norm(global_pool)
+    return {f"{norm}.weight": (width,), f"{norm}.bias": (width,),
+            "head.weight": (int(num_classes), width), "head.bias": (int(num_classes),)}
+
+
 def vit_classifier_shapes(spec: ViTSpec, num_classes: int, global_pool: str = "avg") -> Dict[str, Tuple[int, ...]]:
     """Key -> shape of the classifier: cls_token (1,1,D), pos_embed (1,1+N,D), patch_embed.proj,
     blocks.*, then fc_norm (avg) or norm (token), head.weight (C, D), head.bias (C,)."""
-    d = spec.embed_dim
     out = vit_encoder_shapes(spec, branch_norms=False)
-    norm = _head_norm(check_pool("vit", global_pool))
-    out.update({f"{norm}.weight": (d,), f"{norm}.bias": (d,),
-                "head.weight": (int(num_classes), d), "head.bias": (int(num_classes),)})
+    out.update(_head_shapes(check_pool("vit", global_pool), spec.embed_dim, num_classes))
     return out
 
 
@@ -103,9 +115,7 @@ def swin_classifier_shapes(spec: SwinSpec, num_classes: int, global_pool: str = 
     width C_last, head.weight (C, C_last), head.bias (C,)."""
     width = spec.stage_dim(spec.num_stages - 1)
     out = {_swin_encoder_name(k): v for k, v in swin_encoder_shapes(spec, branch_norms=False).items()}
-    norm = _head_norm(check_pool("swin", global_pool))
-    out.update({f"{norm}.weight": (width,), f"{norm}.bias": (width,),
-                "head.weight": (int(num_classes), width), "head.bias": (int(num_classes),)})
+    out.update(_head_shapes(check_pool("swin", global_pool), width, num_classes))
     return out
 
 

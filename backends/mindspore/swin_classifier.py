@@ -21,7 +21,7 @@ from mindspore.common.initializer import TruncatedNormal, Uniform
 from localmim.backends.mindspore.classifier import ClassifierState, set_initial, xavier_uniform
 from localmim.backends.mindspore.layers import LN_EPS, LayerNorm, Linear
 from localmim.backends.mindspore.swin import SwinPatchEmbed, SwinStage, WindowAttention, plan_tensors, window_inputs
-from localmim.core.classifier import HEAD_INIT_STD, check_pool, drop_path_rates, swin_classifier_shapes
+from localmim.core.classifier import HEAD_INIT_STD, check_pool, stage_drop_path_rates, swin_classifier_shapes
 from localmim.core.features import unmasked_swin_plan
 from localmim.core.specs import SwinSpec
 from localmim.core.state import check_state
@@ -40,14 +40,13 @@ class SwinClassifier(ClassifierState, nn.Cell):
         self.global_pool = check_pool("swin", global_pool)
         self.norm_first = global_pool == "norm_avg"  # a compile-time constant under ms.jit
         last = spec.num_stages - 1
-        rates = drop_path_rates(drop_path, sum(spec.depths))
-        starts = np.cumsum((0,) + tuple(spec.depths))
-        self.stage_starts = tuple(int(s) for s in starts)
+        rates = stage_drop_path_rates(drop_path, spec.depths)
+        self.stage_starts = tuple(int(s) for s in np.cumsum((0,) + tuple(spec.depths)))  # drop_draws rows
         self.patch_embed = SwinPatchEmbed(spec.img_size, spec.patch_size, 3, spec.embed_dim)
         self.layers = nn.CellList([
             SwinStage(spec.stage_dim(i), spec.depths[i], spec.num_heads[i], spec.stage_window(i),
                       spec.stage_shift(i) > 0, spec.mlp_ratio, downsample=i < last,
-                      drop_path=rates[starts[i]:starts[i + 1]])
+                      drop_path=rates[i])
             for i in range(spec.num_stages)])
         width = spec.stage_dim(last)
         if self.norm_first:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -24,7 +23,7 @@ from localmim.backends.torch.classifier import ClassifierState
 from localmim.backends.torch.layers import LN_EPS
 from localmim.backends.torch.model import init_linear_and_norm
 from localmim.backends.torch.swin import WINDOW_KEYS, SwinPatchEmbed, SwinStage, plan_tensors
-from localmim.core.classifier import HEAD_INIT_STD, check_pool, drop_path_rates, swin_classifier_shapes
+from localmim.core.classifier import HEAD_INIT_STD, check_pool, stage_drop_path_rates, swin_classifier_shapes
 from localmim.core.features import unmasked_swin_plan
 from localmim.core.specs import SwinSpec
 from localmim.core.state import check_state
@@ -47,13 +46,12 @@ class SwinClassifier(ClassifierState, nn.Module):
         self.spec, self.num_classes = spec, int(num_classes)
         self.global_pool = check_pool("swin", global_pool)
         last = spec.num_stages - 1
-        rates = drop_path_rates(drop_path, sum(spec.depths))
-        starts = np.cumsum((0,) + tuple(spec.depths))
+        rates = stage_drop_path_rates(drop_path, spec.depths)
         self.patch_embed = SwinPatchEmbed(spec.img_size, spec.patch_size, 3, spec.embed_dim)
         self.layers = nn.ModuleList([
             SwinStage(spec.stage_dim(i), spec.depths[i], spec.num_heads[i], spec.stage_window(i),
                       spec.stage_shift(i) > 0, spec.mlp_ratio, downsample=i < last,
-                      drop_path=rates[starts[i]:starts[i + 1]])
+                      drop_path=rates[i])
             for i in range(spec.num_stages)])
         width = spec.stage_dim(last)
         norm = nn.LayerNorm(width, eps=LN_EPS)

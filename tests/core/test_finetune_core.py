@@ -141,3 +141,12 @@ def test_timm_export_renames_merges_and_head_and_refuses_the_reference_head():
     vit = get_spec("vit_tiny_test")
     vit_state = {k: np.zeros(s, np.float32) for k, s in C.vit_classifier_shapes(vit, 4, "avg").items()}
     assert set(C.timm_classifier_state(vit_state, vit, "avg")) == set(vit_state)
+
+
+def test_stage_drop_path_rates_rise_across_stages():
+    """Hand-derived: 8 blocks in stages of 2 at 0.7 -> linspace(0, 0.7, 8) = 0, 0.1, ..., 0.7, split in pairs."""
+    got = C.stage_drop_path_rates(0.7, (2, 2, 2, 2))
+    want = [[0.0, 0.1], [0.2, 0.3], [0.4, 0.5], [0.6, 0.7]]
+    assert [len(s) for s in got] == [2, 2, 2, 2]
+    np.testing.assert_allclose(np.concatenate(got), np.concatenate(want), rtol=0, atol=1e-12)
+    assert C.stage_drop_path_rates(0.3, (2, 2, 18, 2))[2][0] == pytest.approx(0.3 * 4 / 23)

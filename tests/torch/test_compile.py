@@ -15,7 +15,6 @@ backward, cached in the inductor cache afterwards), so the full inductor step ru
 recipe's model (ViT, HOG) and the other targets compile with fullgraph=True through AOTAutograd
 (`aot_eager`: the same captured forward and backward graphs, run without code generation).
 """
-import numpy as np
 import pytest
 import torch
 
@@ -119,18 +118,14 @@ def test_forward_and_backward_compile_as_one_graph(name, overrides):
     _assert_same_training(got, ref)
 
 
-def test_compiled_swin_steps_get_static_plans(tmp_path):
+def test_compiled_swin_steps_get_static_plans(image_folder):
     """engine.build_loader with train.compile pads every Swin plan to static_plan_bounds, so two
     batches with different masks have the same shapes; eager training keeps the natural ones."""
-    from PIL import Image
     from localmim.core.config import config_from_dict
     from localmim.core.swin_plan import static_plan_bounds
 
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (70, 70, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
     cfg = config_from_dict({"model": {"name": "swin_tiny_test"}, "train": {"seed": 2},  # masks of 2 shapes
-                            "data": {"path": str(tmp_path), "batch_size": 2, "num_workers": 0}})
+                            "data": {"path": image_folder(n=8), "batch_size": 2, "num_workers": 0}})
     spec = cfg.build_spec()
     pads, sizes = static_plan_bounds(spec, cfg.mask.ratio)
 
