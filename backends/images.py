@@ -18,13 +18,15 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from localmim.core import masking
 from localmim.core.swin_plan import build_swin_plan, static_plan_bounds
+
+T = TypeVar("T")
 
 __all__ = [
     "IMG_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "find_images", "load_rgb",
@@ -175,18 +177,23 @@ class PretrainDataset:
     def sample_rng(self, epoch: int, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, int(epoch), int(index)])
 
-    def _readable(self, index: int) -> Image.Image:
+    def first_readable(self, index: int, open_image: Callable[[str], T], verb: str = "decoded") -> Tuple[str, T]:
+        """(path, open_image(path)) of `index`, or of the next file that `open_image` reads; a file
+        it fails on is reported once per process and skipped."""
         n = len(self.paths)
         for k in range(n):
             path = self.paths[(index + k) % n]
             try:
-                return load_rgb(path)
+                return path, open_image(path)
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
                 if path not in self._reported:
                     self._reported.add(path)
                     warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", RuntimeWarning,
-                                  stacklevel=2)
-        raise RuntimeError(f"data folder {self.root}: none of its {n} images could be decoded")
+                                  stacklevel=3)
+        raise RuntimeError(f"data folder {self.root}: none of its {n} images could be {verb}")
+
+    def _readable(self, index: int) -> Image.Image:
+        return self.first_readable(index, load_rgb)[1]
 
     def __getitem__(self, key):
         if isinstance(key, tuple):

@@ -88,24 +88,9 @@ class EncodedDataset(data_mod.PretrainDataset):
     a key (the replacement for a file nvJPEG rejects).
     """
 
-    def _source(self, index: int) -> Tuple[str, Image.Image]:
-        """(path, opened PIL image, header only) of `index` or of the next file whose header reads;
-        a file that does not open is reported once, as data.py does."""
-        n = len(self.paths)
-        for k in range(n):
-            path = self.paths[(index + k) % n]
-            try:
-                return path, Image.open(path)
-            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-                if path not in self._reported:
-                    self._reported.add(path)
-                    warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", RuntimeWarning,
-                                  stacklevel=2)
-        raise RuntimeError(f"data folder {self.root}: none of its {n} images could be opened")
-
     def encoded(self, key) -> EncodedImage:
         epoch, _, index = key
-        path, im = self._source(int(index))
+        path, im = self.first_readable(int(index), Image.open, "opened")  # the header only, not decoded
         with im:
             width, height = im.size
             is_jpeg = im.format == "JPEG" and im.mode in JPEG_MODES
