@@ -78,7 +78,8 @@ def counted_flops(spec, mask_ratio: float) -> Dict:
     (ViT) or natural plan (Swin) of micro-batch 0. Every op is per image, so a batch costs B times
     this. -> {"forward_gflop_per_image", "train_gflop_per_image" (forward + backward),
     "forward_gflop_by_part": {part: GFLOP} of the parts with FLOPs, "rest" for what runs outside
-    them (the targets and the loss)}."""
+    them (the targets and the loss), "forward_gflop_of_heads": {decoder.k.pred: GFLOP}, the share
+    of each decoder that its prediction head runs on every position}."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
@@ -97,8 +98,11 @@ def counted_flops(spec, mask_ratio: float) -> Dict:
              for name, paths in _flop_parts(model).items()}
     total = forward.get_total_flops() / 1e9
     parts["rest"] = total - sum(parts.values())
+    heads = {f"decoder.{i}.pred": sum(counts.get(f"{root}.decoder.{i}.pred", {}).values()) / 1e9
+             for i in range(len(model.decoder))}
     return {"forward_gflop_per_image": total, "train_gflop_per_image": total + backward.get_total_flops() / 1e9,
-            "forward_gflop_by_part": {k: round(v, 4) for k, v in parts.items() if round(v, 4)}}
+            "forward_gflop_by_part": {k: round(v, 4) for k, v in parts.items() if round(v, 4)},
+            "forward_gflop_of_heads": {k: round(v, 4) for k, v in heads.items()}}
 
 
 def _peak_flops(device_name: str):

@@ -40,6 +40,17 @@ def _block_flops(tokens, dim, mlp_ratio):
             + 2 * 2.0 * tokens * tokens * dim)  # qkv + proj, the MLP, q k^T and attn v
 
 
+def _head_flops(branch, out_dim, g):
+    """Forward FLOPs of one rescaling head on a g x g decoder map (docs/method.md#vit-decoders)."""
+    d = branch.decoder_dim
+    if branch.scale == 4.0:   # ConvT d->d/2 (k2s2), ConvT d/2->d/4, 1x1 d/4->out
+        return (_linear_flops(g * g, d, 2 * d) + _linear_flops(4 * g * g, d // 2, d)
+                + _linear_flops(16 * g * g, d // 4, out_dim))
+    if branch.scale == 2.0:
+        return _linear_flops(g * g, d, 2 * d) + _linear_flops(4 * g * g, d // 2, out_dim)
+    return _linear_flops(branch.grid ** 2, d, out_dim)
+
+
 def analytic_vit_train_flops(spec, mask_ratio):
     """One image's training FLOPs derived by hand: 3x the forward's matmuls (the paper's
     convention), the decoders' heads as docs/method.md#vit-decoders builds them."""
@@ -50,13 +61,7 @@ def analytic_vit_train_flops(spec, mask_ratio):
         d = branch.decoder_dim
         fwd += _linear_flops(1 + keep, spec.embed_dim, d) + branch.decoder_depth * _block_flops(1 + spec.num_patches, d,
                                                                                               spec.mlp_ratio)
-        if branch.scale == 4.0:   # ConvT d->d/2 (k2s2), ConvT d/2->d/4, 1x1 d/4->out
-            fwd += _linear_flops(g * g, d, 2 * d) + _linear_flops(4 * g * g, d // 2, d)
-            fwd += _linear_flops(16 * g * g, d // 4, out_dim)
-        elif branch.scale == 2.0:
-            fwd += _linear_flops(g * g, d, 2 * d) + _linear_flops(4 * g * g, d // 2, out_dim)
-        else:
-            fwd += _linear_flops(branch.grid ** 2, d, out_dim)
+        fwd += _head_flops(branch, out_dim, g)
     return 3.0 * fwd
 
 
@@ -71,6 +76,8 @@ def test_counted_vit_flops_match_the_hand_derived_count():
                                                        spec.embed_dim) / 1e9, 4)
     assert set(parts) == {"patch_embed", "blocks", "decoder.0", "decoder.1", "decoder.2", "decoder.3"}
     assert sum(parts.values()) == pytest.approx(counted["forward_gflop_per_image"], abs=1e-3)
+    heads = [_head_flops(b, out, spec.grid) / 1e9 for b, out in zip(spec.branches(), spec.out_dims())]
+    assert counted["forward_gflop_of_heads"] == {f"decoder.{i}.pred": round(h, 4) for i, h in enumerate(heads)}
 
 
 @pytest.mark.parametrize("name", ["vit_demo", "swin_tiny_test"])
