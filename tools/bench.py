@@ -18,7 +18,8 @@ Modes (one JSON line per configuration on stdout, and appended to `--output FILE
 - `--profile DIR`: a torch.profiler trace and a summary table of where a few steps spend their time.
 - `--suite FILE`: every measurement of docs/performance.md, each in its own process with a time
   limit (one failing configuration does not stop the rest); `--tiny` runs the same suite on tiny
-  models, 2 steps, on the CPU, to check it end to end.
+  models, 2 steps, on the CPU, to check it end to end; `--suite-only NAME[,NAME]` runs only the
+  named configurations (a second GPU call that reruns what failed or was skipped).
 """
 from __future__ import annotations
 
@@ -506,17 +507,32 @@ def suite_configs(tiny: bool, jpegs: str, out_dir: str) -> List[List[str]]:
     return runs
 
 
-def run_suite(output: str, tiny: bool, budget_s: float, limit_s: float, jpeg_count: int, jpeg_dir: str) -> int:
+def selected_configs(configs: List[List[str]], only: Optional[str]) -> List[List[str]]:
+    """The configurations named in `only` ("name,name", suite order kept), or all of them."""
+    if not only:
+        return configs
+    wanted = [n.strip() for n in only.split(",") if n.strip()]
+    names = [c[0] for c in configs]
+    unknown = [n for n in wanted if n not in names]
+    if unknown or not wanted:
+        raise BenchError(f"--suite-only {only!r}: {', '.join(unknown) or 'no name'} is not a configuration of "
+                         f"this suite; its configurations are {', '.join(names)}")
+    return [c for c in configs if c[0] in wanted]
+
+
+def run_suite(output: str, tiny: bool, budget_s: float, limit_s: float, jpeg_count: int, jpeg_dir: str,
+              only: Optional[str] = None) -> int:
     """Each configuration in its own `localmim bench` process (a crash, an OOM or a hang costs only
     that one); its JSON lines, or one {"config", "error"} line, are appended to `output`. Stops
-    starting new configurations after `budget_s` seconds."""
+    starting new configurations after `budget_s` seconds. `only`: see `selected_configs`."""
     out_dir = os.path.dirname(os.path.abspath(output))
     os.makedirs(out_dir, exist_ok=True)
     start = time.monotonic()  # the budget counts the JPEGs too
-    jpegs = write_jpeg_folder(jpeg_dir, jpeg_count)
-    print(f"{jpeg_count} JPEGs in {jpegs} ({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)
+    configs = selected_configs(suite_configs(tiny, jpeg_dir, out_dir), only)  # a typo fails before any work
+    write_jpeg_folder(jpeg_dir, jpeg_count)
+    print(f"{jpeg_count} JPEGs in {jpeg_dir} ({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)
     failures = 0
-    for name, *argv in suite_configs(tiny, jpegs, out_dir):
+    for name, *argv in configs:
         left = budget_s - (time.monotonic() - start)
         if left < 10:
             _append(output, {"config": name, "skipped": f"the suite's {budget_s:.0f} s budget is spent"})
@@ -591,6 +607,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--suite", metavar="FILE", default=None,
                         help="run every measurement of docs/performance.md, JSON lines appended to FILE")
     parser.add_argument("--tiny", action="store_true", help="with --suite: tiny models, 2 steps, CPU (a dry run)")
+    parser.add_argument("--suite-only", metavar="NAMES", default=None,
+                        help="with --suite: only these configurations (comma-separated names, as in its JSON lines)")
     parser.add_argument("--suite-budget-s", type=float, default=450.0)
     parser.add_argument("--suite-limit-s", type=float, default=200.0,
                         help="time limit of one compiled configuration (half of it for the others)")
@@ -616,7 +634,8 @@ def run(args) -> int:
     if args.suite:
         count = args.jpegs or (24 if args.tiny else 4096)
         jpeg_dir = args.jpeg_dir or ("/tmp/localmim_bench_jpegs" + ("_tiny" if args.tiny else ""))
-        return run_suite(args.suite, args.tiny, args.suite_budget_s, args.suite_limit_s, count, jpeg_dir)
+        return run_suite(args.suite, args.tiny, args.suite_budget_s, args.suite_limit_s, count, jpeg_dir,
+                         args.suite_only)
     spec = bench_spec(args)
     device = resolve_device(args.device)
     precision = args.precision if device != "cpu" or args.precision != "fp16" else "fp32"

@@ -6,6 +6,7 @@
 #
 #   tools/gpu_measure.sh OUT_DIR            # on the GPU machine, from the repository root
 #   tools/gpu_measure.sh OUT_DIR --tiny     # the same suite on tiny models, 2 steps, CPU (a dry run)
+#   tools/gpu_measure.sh OUT_DIR --suite-only NAME,NAME [--suite-budget-s S]   # rerun those only
 #
 # Works from a checkout without installing it: the repository root is the package `localmim`, so
 # it is linked into a temporary folder put on PYTHONPATH. PYTHON picks the interpreter (default:

@@ -187,6 +187,31 @@ def test_suite_goes_on_after_a_failing_configuration(tmp_path, monkeypatch):
     assert records[1]["images_per_s"] > 0 and records[1]["label"] == "ok"
 
 
+def test_suite_only_reruns_the_named_configurations(tmp_path, monkeypatch):
+    """--suite-only (a second GPU call for what failed) runs the named configurations alone; a
+    name the suite lacks is one sentence listing its names, before any JPEG is written."""
+    written = []
+    monkeypatch.setattr(bench, "write_jpeg_folder", lambda folder, count: written.append(folder) or folder)
+    tiny = ["--batch", "2", "--steps", "1", "--warmup", "1", "--precision", "fp32", "--device", "cpu"]
+    monkeypatch.setattr(bench, "suite_configs", lambda tiny_, jpegs, out: [
+        ["a", "--model", "no_such_model"], ["b", "--model", "vit_tiny_test", *tiny], ["c", "--model", "nope"]])
+    out = tmp_path / "suite.jsonl"
+    with pytest.raises(bench.BenchError, match=r"--suite-only 'b,x': x is not a configuration of this suite; "
+                                               r"its configurations are a, b, c"):
+        bench.main(["--suite", str(out), "--tiny", "--suite-only", "b,x"])
+    assert not written and not out.exists()
+    assert bench.main(["--suite", str(out), "--tiny", "--suite-only", "b"]) == 0
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["config"] for r in records] == ["b"] and records[0]["images_per_s"] > 0
+
+
+def test_cli_names_an_unknown_suite_configuration_and_exits_2(tmp_path, capsys):
+    from localmim.tools import cli
+    assert cli.main(["bench", "--suite", str(tmp_path / "s.jsonl"), "--tiny", "--suite-only", "vitb_hog_eagre"]) == 2
+    err = capsys.readouterr().err
+    assert "vitb_hog_eagre is not a configuration of this suite" in err and "vitb_hog_eager" in err
+
+
 @pytest.mark.parametrize("limit", [0, 5, 8, 63, 64, 100, 1000, 5000])
 def test_max_batch_search_finds_the_largest_fitting_multiple(limit):
     tried = []
