@@ -43,8 +43,8 @@ from localmim.backends.torch import data as data_mod
 
 __all__ = [
     "GpuDecodeUnavailable", "EncodedImage", "EncodedBatch", "EncodedDataset", "EncodedMaskCollate",
-    "EncodedSwinPlanCollate", "draw_augmentation", "decode_jpegs", "crop_resize_normalize", "BatchDecoder",
-    "GpuDecodeLoader", "check_device", "build_gpu_decode_loader",
+    "EncodedSwinPlanCollate", "draw_augmentation", "decode_jpegs", "crop_resize", "round_and_normalize",
+    "BatchDecoder", "GpuDecodeLoader", "check_device", "build_gpu_decode_loader",
 ]
 
 JPEG_MODES = ("RGB", "L")   # what nvJPEG decodes to RGB like PIL's convert("RGB")
@@ -162,10 +162,9 @@ def decode_jpegs(jpegs: Sequence[torch.Tensor], device: torch.device) -> List[Op
             return out
 
 
-def crop_resize_normalize(img: torch.Tensor, crop: Sequence[int], size: int, mean: torch.Tensor,
-                          std: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) uint8 -> (3, size, size) float32: the crop (top, left, h, w), PIL's resize, the
-    horizontal flip when crop[4], then /255 and the ImageNet normalisation (mean, std: (3, 1, 1)).
+def crop_resize(img: torch.Tensor, crop: Sequence[int], size: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, size, size) float32: the crop (top, left, h, w), PIL's resize up to
+    its last rounding (which `round_and_normalize` does, batched), the horizontal flip when crop[4].
 
     PIL resizes an 8-bit image in two passes, rows first, each an antialiased bicubic (a = -0.5,
     `F.interpolate(antialias=True)`) rounded and clipped to 8 bits; doing the same here (a one-pass
@@ -176,10 +175,14 @@ def crop_resize_normalize(img: torch.Tensor, crop: Sequence[int], size: int, mea
     x = img[:, top:top + h, left:left + w].unsqueeze(0).float()
     x = F.interpolate(x, size=(h, size), mode="bicubic", align_corners=False, antialias=True).round_().clamp_(0, 255)
     x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
-    x = x.round_().clamp_(0.0, 255.0)
-    if flip:
-        x = x.flip(-1)
-    return (x / 255.0 - mean) / std
+    return x.flip(-1) if flip else x
+
+
+def round_and_normalize(resized: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) `crop_resize` outputs -> rounded and clipped to the 8-bit levels PIL stores,
+    /255 and the ImageNet normalisation (mean, std: (3, 1, 1)), the CPU path's arithmetic. Once
+    per batch, not per image: on a GPU each op per image is B kernel launches from one thread."""
+    return (resized.round().clamp_(0.0, 255.0) / 255.0 - mean) / std
 
 
 class BatchDecoder:
@@ -205,16 +208,19 @@ class BatchDecoder:
         decoded: List[Optional[torch.Tensor]] = [None] * len(samples)
         for i, img in zip(jpeg_at, decode_jpegs([samples[i].jpeg for i in jpeg_at], self.device)):
             decoded[i] = img
-        out = []
+        resized, replaced = [], {}
         for i, s in enumerate(samples):
             img = decoded[i]
             if img is None and s.pixels is not None:
                 img = s.pixels.to(self.device, non_blocking=True).permute(2, 0, 1)
             if img is None:
-                out.append(self._replacement(s))
-                continue
-            out.append(crop_resize_normalize(img, s.crop, self.img_size, self.mean, self.std))
-        return torch.stack(out)
+                replaced[i] = self._replacement(s)   # already normalised, by the CPU path
+            else:
+                resized.append(crop_resize(img, s.crop, self.img_size))
+        if not replaced:
+            return round_and_normalize(torch.stack(resized), self.mean, self.std)
+        kept = iter(round_and_normalize(torch.stack(resized), self.mean, self.std) if resized else ())
+        return torch.stack([replaced[i] if i in replaced else next(kept) for i in range(len(samples))])
 
     def _replacement(self, s: EncodedImage) -> torch.Tensor:
         if self.fallback is None:
