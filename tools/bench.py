@@ -79,8 +79,8 @@ def counted_flops(spec, mask_ratio: float) -> Dict:
     (ViT) or natural plan (Swin) of micro-batch 0. Every op is per image, so a batch costs B times
     this. -> {"forward_gflop_per_image", "train_gflop_per_image" (forward + backward),
     "forward_gflop_by_part": {part: GFLOP} of the parts with FLOPs, "rest" for what runs outside
-    them (the targets and the loss), "forward_gflop_of_heads": {decoder.k.pred: GFLOP}, the share
-    of each decoder that its prediction head runs on every position}."""
+    them (the targets and the loss), "forward_gflop_of_heads": {decoder.k.pred: GFLOP}, what of
+    each decoder's count is its prediction head (which runs on every position)}."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
