@@ -33,9 +33,9 @@ from localmim.core import keymaps
 from localmim.core.specs import SwinSpec, ViTSpec
 from localmim.core.state import StateError, check_state, swin_encoder_shapes, vit_encoder_shapes
 
-__all__ = ["GLOBAL_POOLS", "HEAD_INIT_STD", "check_pool", "drop_path_rates", "stage_drop_path_rates", "vit_classifier_shapes",
-           "vit_classifier_state", "swin_classifier_shapes", "swin_classifier_state", "classifier_shapes",
-           "classifier_state", "timm_classifier_state", "timm_classifier_kwargs"]
+__all__ = ["GLOBAL_POOLS", "HEAD_INIT_STD", "check_pool", "drop_path_rates", "stage_drop_path_rates",
+           "vit_classifier_shapes", "vit_classifier_state", "swin_classifier_shapes", "swin_classifier_state",
+           "classifier_shapes", "classifier_state", "timm_classifier_state", "timm_classifier_kwargs"]
 
 GLOBAL_POOLS = {"vit": ("avg", "token"), "swin": ("avg", "norm_avg")}
 HEAD_INIT_STD = 2e-5  # trunc_normal std of the head weight (docs/method.md#fine-tuning)
